@@ -1,0 +1,206 @@
+"""Generic backend: any chat VLM that `AutoModelForImageTextToText` loads and whose processor has a chat template.
+
+    --vqa_model hf_image_text_to_text --vqa_model_path /models/<a chat VLM>   (or vqa_model.path in --config)
+
+Each prompt becomes the chat of `prompts.chat_messages`, rendered by the model's own chat
+template; a batch of prompts goes through the processor with left padding and one
+`model.generate` call with the configured decoding (SPEC §5: 3 beams, 5 new tokens). Decoding
+settings not given in the config come from the model's `generation_config.json`, as with any
+`generate` call. Decoded images are cached per path (`images.ImageCache`); the processor resizes
+and normalises them per batch, since how to split a batch's processed pixels back per image differs
+between model families -- `qwen2_5_vl` caches the finished per-image work for its family.
+
+This class is also the base of the Qwen2.5-VL backend, which overrides only how a batch is
+encoded (`_prepare_image`, `_encode`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lever_lm.errors import InputError
+from lever_lm.vqa.backends.base import (
+    Generation,
+    default_dtype,
+    failure_reason,
+    resolve_device,
+    run_with_retry,
+)
+from lever_lm.vqa.images import ImageCache, UnreadableImage
+from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
+from lever_lm.vqa.prompts import FewShotPrompt, chat_messages
+
+log = logging.getLogger(__name__)
+NAME = "hf_image_text_to_text"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt ready to batch: its chat rendered to text, and its images as the cache holds them."""
+
+    text: str
+    images: tuple[Any, ...]
+
+
+class ImageTextToTextBackend:
+    """Batched few-shot VQA with a Hugging Face chat VLM (see the module doc)."""
+
+    def __init__(self, name: str, model, processor, settings: VQAModelSettings, device: torch.device, model_path: Path):
+        self.name = name
+        self.model = model
+        self.processor = processor
+        self.settings = settings
+        self.device = device
+        self.model_path = model_path
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"  # generation continues every row at the same last column
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.generation_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **settings.generation}
+        self.image_cache = ImageCache(self._prepare_image, max_bytes=settings.image_cache_mb * 2**20)
+
+    # -- the interface -------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
+        """One Generation per prompt, same order, `settings.batch_size` prompts per generate call."""
+        results: list[Generation | None] = [None] * len(prompts)
+        size = self.settings.batch_size
+        for start in range(0, len(prompts), size):
+            self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results)
+        return results  # type: ignore[return-value]
+
+    def describe(self) -> dict:
+        """The settings that shape the answers, for run metadata and resume fingerprints."""
+        import transformers
+
+        return {
+            "vqa_model": self.name,
+            "model_path": str(self.model_path),
+            "model_type": getattr(self.model.config, "model_type", None),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "prompt": asdict(self.settings.prompt),
+            "generation": dict(self.settings.generation),
+            "processor_kwargs": dict(self.settings.processor_kwargs),
+            "transformers": transformers.__version__,
+        }
+
+    # -- batching ------------------------------------------------------------------------------
+
+    def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list) -> None:
+        ready: list[tuple[int, PreparedPrompt]] = []
+        for i in indices:
+            try:
+                ready.append((i, self._prepare(prompts[i])))
+            except UnreadableImage as error:
+                results[i] = Generation.failed(str(error))
+        if not ready:
+            return
+        outcomes = run_with_retry([prepared for _, prepared in ready], self._generate_texts, self.device)
+        for (i, _), outcome in zip(ready, outcomes):
+            results[i] = Generation.failed(failure_reason(outcome)) if isinstance(outcome, Exception) else Generation.from_raw(outcome)
+
+    def _prepare(self, prompt: FewShotPrompt) -> PreparedPrompt:
+        messages = chat_messages(prompt, self.settings.prompt)
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return PreparedPrompt(text=text, images=tuple(self.image_cache.get(path) for path in prompt.images))
+
+    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[str]:
+        inputs = self._encode(batch)
+        prompt_length = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **self.generation_kwargs)
+        return self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+
+    # -- what the Qwen2.5-VL backend overrides ---------------------------------------------------
+
+    def _prepare_image(self, image):
+        """What the cache keeps per image: here the decoded picture."""
+        return image
+
+    def _encode(self, batch: list[PreparedPrompt]) -> dict:
+        """The `generate` inputs of a batch: the processor does text, padding and pixels."""
+        inputs = self.processor(
+            text=[prepared.text for prepared in batch],
+            images=[list(prepared.images) for prepared in batch],
+            padding=True,
+            return_tensors="pt",
+            **self.settings.processor_kwargs,
+        )
+        return _to_model(inputs, self.device, self.model.dtype)
+
+
+def _to_model(inputs, device: torch.device, dtype: torch.dtype) -> dict:
+    """Every tensor to the model's device; floating ones (pixels) to its dtype too."""
+    moved = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+        moved[key] = value
+    return moved
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def check_model_dir(path: Path) -> Path:
+    """A local Hugging Face model directory with a config and weights, or an InputError saying what is missing."""
+    if not path.exists():
+        raise InputError(path, "model directory not found")
+    if not path.is_dir():
+        raise InputError(path, "expected a model directory, found a file")
+    if not (path / "config.json").is_file():
+        raise InputError(path, "not a Hugging Face model directory: no config.json")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise InputError(path, "no model weights in the directory (*.safetensors or *.bin)")
+    return path
+
+
+def model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as error:
+        raise InputError(path / "config.json", f"unreadable model config: {error}") from None
+
+
+def load_model_and_processor(path: Path, device: torch.device, settings: VQAModelSettings):
+    """Model (eval mode, on `device`, bf16 on CUDA / fp32 on CPU) and processor, never from the network."""
+    from transformers import AutoModelForImageTextToText
+
+    from lever_lm.vqa.backends.processor import load_processor
+
+    dtype = default_dtype(device, settings.dtype)
+    extra = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
+    try:
+        processor = load_processor(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as error:
+        raise InputError(path, f"cannot load as an image-text-to-text model: {type(error).__name__}: {error}") from None
+    if getattr(processor, "chat_template", None) is None:
+        raise InputError(path, "the processor has no chat template; chat prompts cannot be built for this model")
+    return model.to(device).eval(), processor
+
+
+def load(
+    name: str = NAME,
+    *,
+    model_path: str | None = None,
+    device: str = "cpu",
+    config: dict | None = None,
+    batch_size: int | None = None,
+) -> ImageTextToTextBackend:
+    """The generic backend for the model directory given by `model_path` or `vqa_model.path`."""
+    settings = resolve_settings("chat", config, model_path=model_path, batch_size=batch_size)
+    if settings.path is None:
+        raise InputError(None, f"--vqa_model {name} needs a model directory: set --vqa_model_path or vqa_model.path in --config")
+    torch_device = resolve_device(device)
+    path = check_model_dir(Path(settings.path))
+    model, processor = load_model_and_processor(path, torch_device, settings)
+    return ImageTextToTextBackend(name, model, processor, settings, torch_device, path)

@@ -1,0 +1,104 @@
+"""Per-image cache for the VQA backends: each distinct image is read and prepared once, not per candidate.
+
+Every query is scored with ~10 candidate prompts; all show the query image and many share ICD
+images. Reading a COCO JPEG, resizing and normalising it, and (for Qwen2.5-VL) running the vision
+tower on it cost as much per occurrence as the first time, so a backend keeps what it derived
+from an image -- a decoded picture, processed pixels, or vision features -- keyed by the file
+path, in an LRU cache bounded in bytes (vision features of a 3B model are ~1.6 MB per COCO image).
+
+An unreadable image is remembered too: every prompt that shows it fails at once with the same
+reason, without touching the disk again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+T = TypeVar("T")
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be read; the message names the file and the reason."""
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """Decode the whole file now (a truncated JPEG fails here, not inside the model) as RGB."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UnreadableImage(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UnreadableImage(f"{path}: cannot read image: {error}") from None
+
+
+def nbytes(value: object) -> int:
+    """Approximate memory of a cached value: tensors (possibly nested in tuples/dicts) or a PIL image."""
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, Image.Image):
+        return value.width * value.height * len(value.getbands())
+    if isinstance(value, dict):
+        return sum(nbytes(item) for item in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(item) for item in value)
+    return 0
+
+
+class ImageCache(Generic[T]):
+    """path -> `prepare(decoded RGB image)`, least recently used first out beyond `max_bytes`.
+
+    Read failures are remembered (`UnreadableImage` again on the next `get`); errors of `prepare`
+    itself (e.g. out of memory) are not, since retrying later may succeed.
+    """
+
+    def __init__(self, prepare: Callable[[Image.Image], T], max_bytes: int, read: Callable[[Path], Image.Image] = read_rgb):
+        self._prepare = prepare
+        self._read = read
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Path, tuple[T, int]] = OrderedDict()
+        self._failures: dict[Path, str] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, path: Path) -> T:
+        path = Path(path)
+        entry = self._entries.get(path)
+        if entry is not None:
+            self._entries.move_to_end(path)
+            self.hits += 1
+            return entry[0]
+        if path in self._failures:
+            raise UnreadableImage(self._failures[path])
+        self.misses += 1
+        try:
+            image = self._read(path)
+        except UnreadableImage as error:
+            self._failures[path] = str(error)
+            raise
+        value = self._prepare(image)
+        self._store(path, value)
+        return value
+
+    def __contains__(self, path: Path) -> bool:
+        return Path(path) in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _store(self, path: Path, value: T) -> None:
+        size = nbytes(value)
+        if size > self.max_bytes:
+            return  # larger than the whole budget: use once, keep nothing
+        self._entries[path] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
