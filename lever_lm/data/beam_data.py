@@ -1,0 +1,129 @@
+"""Beam data JSON from Lever-LM's data generation (SPEC §3.2): queries, ICD sequences, scores.
+
+`{"<query_idx>": {"id_list": [[icd_1, ..., icd_k, query_idx], ...], "score_list": [...], ...}}`.
+The keys give the queries and their order; the last id of every sequence is the query itself;
+`shot_num` is the sequence length minus one and must be the same everywhere. Every id is a row of
+the training split, so it is checked against the data set size here, before any model runs --
+a bad id would otherwise surface hours later as an IndexError deep inside a GPU job. Keys that
+newer files add (`beams`, `few_shot_num`, `shot_scores`) are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lever_lm.data.embeddings import atomic_output
+from lever_lm.errors import InputError
+
+
+@dataclass
+class BeamData:
+    path: Path
+    query_ids: list[int]  # keys in file order, as ints
+    shot_num: int  # len(id_list entry) - 1
+    id_lists: dict[int, list[list[int]]]  # query -> beams, each [icd_1, ..., icd_k, query]
+    score_lists: dict[int, list[float]]  # query -> one score per beam
+
+    def icd_sequences(self, query_id: int) -> list[list[int]]:
+        """The ICD ids of each beam of a query, in prompt order (the query id stripped)."""
+        return [ids[:-1] for ids in self.id_lists[query_id]]
+
+
+def load_beam_data(path: str | Path, num_items: int) -> BeamData:
+    """Read and check a beam data file against a data set of `num_items` rows."""
+    path = Path(path)
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise InputError(path, f"expected a JSON object keyed by query index, found {type(raw).__name__}")
+    if not raw:
+        raise InputError(path, "no queries in the beam data")
+    query_ids: list[int] = []
+    id_lists: dict[int, list[list[int]]] = {}
+    score_lists: dict[int, list[float]] = {}
+    shot_num: int | None = None
+    for key, entry in raw.items():
+        query_id = _query_id(key, path, num_items)
+        id_list, score_list = _entry(entry, key, path)
+        for ids in id_list:
+            _check_sequence(ids, query_id, key, path, num_items)
+            if shot_num is None:
+                shot_num = len(ids) - 1
+            elif len(ids) - 1 != shot_num:
+                raise InputError(
+                    path, f"query {key}: id_list entry {ids} has {len(ids) - 1} ICDs, earlier entries have {shot_num}"
+                )
+        query_ids.append(query_id)
+        id_lists[query_id] = id_list
+        score_lists[query_id] = score_list
+    assert shot_num is not None
+    return BeamData(path=path, query_ids=query_ids, shot_num=shot_num, id_lists=id_lists, score_lists=score_lists)
+
+
+def save_beam_data(data: dict, path: str | Path) -> None:
+    """Write a beam data dict (SPEC §3.2 layout) as JSON, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise InputError(path, "beam data file not found")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle, object_pairs_hook=_no_duplicate_keys(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(path, f"not valid JSON: {error}") from None
+
+
+def _no_duplicate_keys(path: Path):
+    """A JSON object hook that refuses repeated keys (json.load would silently keep the last)."""
+
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        result = {}
+        for key, value in pairs:
+            if key in result:
+                raise InputError(path, f"key {key!r} appears twice")
+            result[key] = value
+        return result
+
+    return hook
+
+
+def _query_id(key: str, path: Path, num_items: int) -> int:
+    if not key.isdigit() or str(int(key)) != key:
+        raise InputError(path, f"key {key!r} is not a query index (a non-negative integer written plainly)")
+    query_id = int(key)
+    if query_id >= num_items:
+        raise InputError(path, f"query index {query_id} is outside the data set (0..{num_items - 1})")
+    return query_id
+
+
+def _entry(entry: object, key: str, path: Path) -> tuple[list[list[int]], list[float]]:
+    if not isinstance(entry, dict):
+        raise InputError(path, f"query {key}: expected an object with 'id_list' and 'score_list'")
+    id_list, score_list = entry.get("id_list"), entry.get("score_list")
+    if not isinstance(id_list, list) or not id_list or not all(isinstance(ids, list) for ids in id_list):
+        raise InputError(path, f"query {key}: 'id_list' must be a non-empty list of id lists")
+    if not isinstance(score_list, list) or not all(_is_number(s) for s in score_list):
+        raise InputError(path, f"query {key}: 'score_list' must be a list of numbers")
+    if len(score_list) != len(id_list):
+        raise InputError(path, f"query {key}: {len(id_list)} id_list entries but {len(score_list)} scores")
+    return id_list, [float(s) for s in score_list]
+
+
+def _check_sequence(ids: list, query_id: int, key: str, path: Path, num_items: int) -> None:
+    if len(ids) < 2:
+        raise InputError(path, f"query {key}: id_list entry {ids} holds no ICD (expected [icd_1, ..., icd_k, {key}])")
+    for value in ids:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(path, f"query {key}: id {value!r} is not an integer")
+        if not 0 <= value < num_items:
+            raise InputError(path, f"query {key}: id {value} is outside the data set (0..{num_items - 1})")
+    if ids[-1] != query_id:
+        raise InputError(path, f"query {key}: id_list entry {ids} does not end with its query index {key}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

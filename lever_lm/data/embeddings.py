@@ -1,0 +1,97 @@
+"""Embedding files (SPEC §3.3): `torch.save` of a float32 tensor [N, d], row i = training item i.
+
+The pointer model trusts these rows blindly (row i IS item i), so a file made for another split,
+another CLIP, or a crashed export must be refused when it is loaded: wrong N, wrong d between
+the query and candidate files, NaN or Inf. Files are written atomically (temporary file in the
+same directory, then `os.replace`), so a crash never leaves a half-written .pt for DVC to cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lever_lm.errors import InputError
+
+
+def load_embeddings(path: str | Path, num_items: int | None = None) -> Tensor:
+    """A checked float32 [N, d] tensor; `num_items` (the data set size) must equal N when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "embeddings file not found")
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises KeyError, EOFError, UnpicklingError, ... on bad files
+        raise InputError(path, f"not a torch tensor file ({short_error(error)})") from None
+    if not isinstance(tensor, Tensor):
+        raise InputError(path, f"expected a tensor [N, d], found {type(tensor).__name__}")
+    if tensor.ndim != 2:
+        raise InputError(path, f"expected a 2-D tensor [N, d], found shape {list(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise InputError(path, f"expected floating-point embeddings, found {tensor.dtype}")
+    if num_items is not None and tensor.shape[0] != num_items:
+        raise InputError(path, f"has {tensor.shape[0]} rows but the data set has {num_items} items")
+    tensor = tensor.to(torch.float32).contiguous()
+    bad_rows = (~torch.isfinite(tensor)).any(dim=1).nonzero().flatten()
+    if bad_rows.numel():
+        raise InputError(path, f"{bad_rows.numel()} rows hold NaN or Inf (first: row {int(bad_rows[0])})")
+    return tensor
+
+
+def check_embedding_pair(query: Tensor, cand: Tensor, query_path: str | Path, cand_path: str | Path) -> None:
+    """Query and candidate embeddings must describe the same items in the same space."""
+    if query.shape != cand.shape:
+        raise InputError(
+            query_path,
+            f"shape {list(query.shape)} disagrees with the candidate embeddings {cand_path} "
+            f"of shape {list(cand.shape)} (same N and d expected)",
+        )
+
+
+def save_embeddings(tensor: Tensor, path: str | Path) -> None:
+    """Write a float32 [N, d] tensor atomically."""
+    if tensor.ndim != 2:
+        raise ValueError(f"embeddings must be [N, d], got shape {list(tensor.shape)}")
+    atomic_torch_save(tensor.detach().to("cpu", torch.float32).contiguous(), path)
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> None:
+    """`torch.save` atomically and byte-reproducibly.
+
+    Saving to a buffer first keeps the archive's internal name fixed ("archive"); saved straight to
+    the temporary file it would embed that file's random name, so equal tensors would give
+    different bytes (and different DVC hashes) on every run.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary readable files
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def short_error(error: BaseException) -> str:
+    """`Type: first line of the message`, for one-line InputError texts about a library failure."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
