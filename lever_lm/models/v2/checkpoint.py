@@ -1,0 +1,186 @@
+"""Load and save PointerSelectorV2 weights in the Lightning `.ckpt` layout of Lever-LM (SPEC §3.4).
+
+A Lever-LM SFT checkpoint is `{"state_dict": {...}, "hyper_parameters": {...}, "epoch", ...}`;
+the pointer's weights sit under `lever_lm.pointer_selector.`, the frozen CLIP towers beside them
+(ignored here). `hyper_parameters` holds no architecture, so d, h, L and the gate are read from
+the tensor shapes. Older checkpoints call layer 0 `cross_attn.*` / `attn_norm.*`.
+
+The one thing this loader must never do is what `load_state_dict(strict=False)` does quietly: hand
+back a partly random network. RL data made with such a pointer looks plausible and is worthless,
+so every missing, unexpected or mis-shaped pointer key is an InputError that lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import types
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lever_lm.data.embeddings import atomic_torch_save, short_error
+from lever_lm.errors import InputError
+from lever_lm.models.v2.pointer_selector import PointerSelectorV2
+
+log = logging.getLogger(__name__)
+
+POINTER_PREFIX = "lever_lm.pointer_selector."
+# Top-level module names of PointerSelectorV2 (new and old), to recognise a bare pointer state dict.
+_POINTER_ROOTS = ("input_proj", "cross_attn_layers", "cross_attn", "attn_norms", "attn_norm", "query_proj",
+                  "cand_proj", "query_update_gate")  # fmt: skip
+_OLD_LAYER0_NAMES = (("cross_attn.", "cross_attn_layers.0."), ("attn_norm.", "attn_norms.0."))
+_LAYER_KEY = re.compile(r"^cross_attn_layers\.(\d+)\.")
+# Written into saved checkpoints so Lightning's own loader accepts them (it migrates by this version).
+LIGHTNING_VERSION = "2.4.0"
+
+
+def load_pointer_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> PointerSelectorV2:
+    """The pointer network of a Lightning checkpoint (or of a bare pointer state dict), in eval mode."""
+    path = Path(path)
+    state_dict = _read_state_dict(path)
+    weights = _rename_old_keys(pointer_weights(state_dict, path), path)
+    model = _model_for(weights, path)
+    _check_keys_and_shapes(model, weights, path)
+    model.load_state_dict(weights, strict=True)
+    return model.to(map_location).eval()
+
+
+def save_pointer_checkpoint(
+    model: PointerSelectorV2,
+    path: str | Path,
+    hyper_parameters: dict | None = None,
+    epoch: int = 0,
+    global_step: int = 0,
+) -> None:
+    """Write `model` in the Lightning layout Lever-LM reads, atomically."""
+    checkpoint = {
+        "state_dict": {POINTER_PREFIX + name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+        "hyper_parameters": dict(hyper_parameters or {}),
+        "epoch": epoch,
+        "global_step": global_step,
+        "pytorch-lightning_version": LIGHTNING_VERSION,
+        "optimizer_states": [],
+        "lr_schedulers": [],
+    }
+    atomic_torch_save(checkpoint, path)
+
+
+def pointer_weights(state_dict: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """The pointer's tensors with the prefix stripped; a prefix-less pointer state dict is taken as is."""
+    prefixed = {k[len(POINTER_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(POINTER_PREFIX)}
+    if prefixed:
+        return prefixed
+    bare = {k: v for k, v in state_dict.items() if k.split(".", 1)[0] in _POINTER_ROOTS}
+    if bare:
+        return bare
+    sample = ", ".join(list(state_dict)[:5]) or "none"
+    raise InputError(path, f"no pointer weights: no key starts with '{POINTER_PREFIX}' (first keys: {sample})")
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise InputError(path, "checkpoint file not found")
+    checkpoint = _torch_load(path)
+    if not isinstance(checkpoint, dict):
+        raise InputError(path, f"not a checkpoint: expected a dict, found {type(checkpoint).__name__}")
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise InputError(path, "not a checkpoint: no 'state_dict'")
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise InputError(path, f"not a checkpoint: 'state_dict' entries that are not tensors: {not_tensors[:5]}")
+    return state_dict
+
+
+def _torch_load(path: Path):
+    """`torch.load` that copes with Lightning's hyper_parameters (may pickle e.g. OmegaConf objects).
+
+    Weights-only loading is tried first. If the file pickles other objects, it is loaded again with
+    classes that cannot be imported here replaced by inert stand-ins: only tensors are used.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises KeyError, EOFError, ... on a non-torch file
+        if not (isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)):
+            raise InputError(path, f"not a checkpoint (torch.load failed: {short_error(error)})") from None
+    log.warning("%s: checkpoint pickles Python objects besides tensors; loading it as a trusted file", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+    except Exception as error:  # noqa: BLE001 - any failure here means "cannot read this file"
+        raise InputError(path, f"not a checkpoint (torch.load failed: {short_error(error)})") from None
+
+
+class _StandIn:
+    """Takes the place of a pickled class that cannot be imported; keeps its state, does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_StandIn,), {"__module__": module})
+
+
+_lenient_pickle = types.SimpleNamespace(Unpickler=_LenientUnpickler, load=pickle.load, __name__="lenient_pickle")
+
+
+
+def _rename_old_keys(weights: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """Old single-layer names (`cross_attn.*`, `attn_norm.*`) -> layer 0 of the current names."""
+    renamed: dict[str, Tensor] = {}
+    for key, tensor in weights.items():
+        new_key = key
+        for old, new in _OLD_LAYER0_NAMES:
+            if key.startswith(old):
+                new_key = new + key[len(old) :]
+        if new_key in renamed:
+            raise InputError(path, f"pointer key {key!r} and {new_key!r} both present (old and new names of layer 0)")
+        renamed[new_key] = tensor
+    return renamed
+
+
+def _model_for(weights: dict[str, Tensor], path: Path) -> PointerSelectorV2:
+    """Build the network whose dimensions the checkpoint's shapes say: d, h, L, gate."""
+    cand = weights.get("cand_proj.weight")
+    if cand is None or cand.ndim != 2:
+        raise InputError(path, f"pointer key '{POINTER_PREFIX}cand_proj.weight' is missing or not a matrix")
+    hidden_dim = cand.shape[0]
+    input_proj = weights.get("input_proj.weight")
+    input_dim = input_proj.shape[1] if input_proj is not None and input_proj.ndim == 2 else hidden_dim
+    layers = {int(m.group(1)) for key in weights if (m := _LAYER_KEY.match(key))}
+    num_layers = max(layers) + 1 if layers else 0
+    if num_layers == 0:
+        raise InputError(path, f"pointer keys '{POINTER_PREFIX}cross_attn_layers.*' (or old 'cross_attn.*') missing")
+    use_gate = any(key.startswith("query_update_gate.") for key in weights)
+    return PointerSelectorV2(input_dim, hidden_dim=hidden_dim, num_layers=num_layers, use_gate=use_gate)
+
+
+def _check_keys_and_shapes(model: PointerSelectorV2, weights: dict[str, Tensor], path: Path) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = sorted(
+        f"{name} {list(weights[name].shape)} (expected {list(shape)})"
+        for name, shape in expected.items()
+        if name in weights and tuple(weights[name].shape) != shape
+    )
+    problems = []
+    if missing:
+        problems.append("missing pointer keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected pointer keys: " + ", ".join(unexpected))
+    if mismatched:
+        problems.append("shapes that disagree: " + ", ".join(mismatched))
+    if problems:
+        arch = f"d={model.input_dim}, h={model.hidden_dim}, L={model.num_layers}, gate={model.use_gate}"
+        raise InputError(path, f"pointer weights do not fit PointerSelectorV2({arch}); " + "; ".join(problems))

@@ -1,0 +1,169 @@
+"""Pointer checkpoints: round trips in both key layouts, with and without the gate, and loud failures."""
+
+from __future__ import annotations
+
+import collections
+import sys
+
+import pytest
+import torch
+
+from lever_lm.errors import InputError
+from lever_lm.models.v2.checkpoint import POINTER_PREFIX, load_pointer_checkpoint, save_pointer_checkpoint
+from lever_lm.models.v2.pointer_selector import PointerSelectorV2
+
+ARCHITECTURES = [  # (d, h, L, gate)
+    (24, 16, 1, False),
+    (24, 16, 1, True),
+    (24, 16, 2, True),
+    (16, 16, 3, False),  # d == h: no input_proj
+]
+
+
+def _model(d, h, layers, gate, seed=0) -> PointerSelectorV2:
+    torch.manual_seed(seed)
+    return PointerSelectorV2(d, hidden_dim=h, num_layers=layers, use_gate=gate).eval()
+
+
+def _same_weights(a: PointerSelectorV2, b: PointerSelectorV2) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def _same_step_scores(a: PointerSelectorV2, b: PointerSelectorV2, d: int) -> None:
+    pool = torch.randn(12, d, generator=torch.Generator().manual_seed(1))
+    queries = torch.tensor([2, 7])
+    outs = []
+    for model in (a, b):
+        enc = model.encode_pool(pool)
+        with torch.no_grad():
+            state = model.encode_queries(pool[queries], enc, exclude=queries)
+            first = model.next_log_probs(state, enc, queries.view(-1, 1))
+            state = model.advance(state, torch.tensor([0, 1]), enc)
+            second = model.next_log_probs(state, enc, torch.tensor([[2, 0], [7, 1]]))
+        outs.append(torch.stack([first, second]))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("d, h, layers, gate", ARCHITECTURES)
+def test_save_then_load_gives_the_same_network(tmp_path, d, h, layers, gate):
+    model = _model(d, h, layers, gate)
+    path = tmp_path / "sft.ckpt"
+    save_pointer_checkpoint(model, path, hyper_parameters={"lr": 1e-3})
+    raw = torch.load(path, weights_only=True)
+    assert raw["hyper_parameters"] == {"lr": 1e-3} and "pytorch-lightning_version" in raw
+    assert all(key.startswith(POINTER_PREFIX) for key in raw["state_dict"])
+    assert (POINTER_PREFIX + "input_proj.weight" in raw["state_dict"]) == (d != h)
+    assert (POINTER_PREFIX + "query_update_gate.weight" in raw["state_dict"]) == gate
+    loaded = load_pointer_checkpoint(path)
+    assert (loaded.input_dim, loaded.hidden_dim, loaded.num_layers, loaded.use_gate) == (d, h, layers, gate)
+    assert not loaded.training
+    _same_weights(model, loaded)
+    _same_step_scores(model, loaded, d)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_old_layer_names_and_clip_keys_load(tmp_path, gate):
+    """A Lever-LM style file: layer 0 as `cross_attn.*`/`attn_norm.*`, CLIP towers beside the pointer."""
+    model = _model(24, 16, 1, gate)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        name = name.replace("cross_attn_layers.0.", "cross_attn.").replace("attn_norms.0.", "attn_norm.")
+        state[POINTER_PREFIX + name] = tensor
+    state["lever_lm.img_model.vision_model.embeddings.patch_embedding.weight"] = torch.ones(3, 3)
+    state["lever_lm.sen_model.text_model.final_layer_norm.bias"] = torch.ones(3)
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {}, "epoch": 3, "global_step": 9}, path)
+    loaded = load_pointer_checkpoint(path)
+    assert loaded.use_gate == gate and loaded.num_layers == 1
+    _same_weights(model, loaded)
+
+
+def test_bare_pointer_state_dict_loads(tmp_path):
+    model = _model(24, 16, 2, True)
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    _same_weights(model, load_pointer_checkpoint(tmp_path / "bare.pt"))
+
+
+class NotImportableHere:  # pickled by reference to this test module, then hidden from the loader
+    def __init__(self, value):
+        self.value = value
+
+
+def test_hyper_parameters_with_foreign_objects_still_load(tmp_path, monkeypatch):
+    """Lightning pickles hyper-parameters (e.g. OmegaConf configs); only the tensors matter."""
+    model = _model(24, 16, 1, True)
+    path = tmp_path / "hp.ckpt"
+    hparams = collections.OrderedDict(cfg=NotImportableHere(3))
+    state = {POINTER_PREFIX + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    monkeypatch.delattr(sys.modules[__name__], "NotImportableHere")
+    _same_weights(model, load_pointer_checkpoint(path))
+
+
+def _saved_state(tmp_path, edit) -> str:
+    model = _model(24, 16, 2, True)
+    state = {POINTER_PREFIX + k: v for k, v in model.state_dict().items()}
+    state["lever_lm.img_model.w"] = torch.ones(1)
+    edit(state)
+    path = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": state}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop(POINTER_PREFIX + "query_proj.weight"), "missing pointer keys: query_proj.weight"),
+        (
+            lambda s: s.pop(POINTER_PREFIX + "attn_norms.1.bias"),
+            "missing pointer keys: attn_norms.1.bias",
+        ),
+        (
+            lambda s: [s.pop(k) for k in list(s) if k.startswith(POINTER_PREFIX + "query_update_gate.bias")],
+            "missing pointer keys: query_update_gate.bias",
+        ),
+        (lambda s: s.update({POINTER_PREFIX + "extra.weight": torch.ones(2)}), "unexpected pointer keys: extra.weight"),
+        (
+            lambda s: s.update({POINTER_PREFIX + "query_proj.weight": torch.ones(16, 8)}),
+            r"shapes that disagree: query_proj.weight \[16, 8\] \(expected \[16, 16\]\)",
+        ),
+        (
+            lambda s: s.update({POINTER_PREFIX + "cross_attn.in_proj_bias": torch.ones(48)}),
+            "both present",
+        ),
+        (lambda s: s.pop(POINTER_PREFIX + "cand_proj.weight"), "cand_proj.weight' is missing"),
+        (
+            lambda s: [s.pop(k) for k in list(s) if k.startswith(POINTER_PREFIX)],
+            "no pointer weights: no key starts with 'lever_lm.pointer_selector.'",
+        ),
+    ],
+)
+def test_bad_pointer_weights_are_listed_never_randomly_initialised(tmp_path, edit, message):
+    path = _saved_state(tmp_path, edit)
+    with pytest.raises(InputError, match=message) as error:
+        load_pointer_checkpoint(path)
+    assert error.value.path == path
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "checkpoint file not found"),
+        (b"hello world", "not a checkpoint .torch.load failed"),
+        (torch.ones(3), "not a checkpoint: expected a dict, found Tensor"),
+        ({"state_dict": {"a": 1}}, "entries that are not tensors"),
+        ({"state_dict": {}}, "no 'state_dict'"),
+    ],
+)
+def test_files_that_are_not_checkpoints(tmp_path, content, message):
+    path = tmp_path / "x.ckpt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(InputError, match=message) as error:
+        load_pointer_checkpoint(path)
+    assert error.value.path == str(path)
