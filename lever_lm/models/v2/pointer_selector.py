@@ -85,9 +85,14 @@ class PointerSelectorV2(nn.Module):
             q = norm(attn.out_proj(attended) + q)
         return F.normalize(self.query_proj(q), dim=-1)
 
-    def step_logits(self, state: Tensor, pool: PoolEncoding) -> Tensor:
-        """Unmasked logits [M, K] of the next pick for states [M, h]."""
-        return state @ pool.cand.T / LOGIT_TEMPERATURE
+    def step_logits(self, state: Tensor, pool: PoolEncoding, rows: slice | None = None) -> Tensor:
+        """Unmasked logits [M, K] of the next pick for states [M, h]; `rows` limits them to a pool slice.
+
+        The slice lets a search stream over the pool in cache-sized tiles instead of materialising
+        [M, K] (1.8 MB per state at K = 443,757).
+        """
+        cand = pool.cand if rows is None else pool.cand[rows]
+        return state @ cand.T / LOGIT_TEMPERATURE
 
     def next_log_probs(self, state: Tensor, pool: PoolEncoding, banned: Tensor) -> Tensor:
         """Log-probabilities [M, K] of the next index; `banned` [M, n] (picked ids, the query) get -inf."""

@@ -1,0 +1,472 @@
+"""Candidate ICD sequences for each query: beam search, temperature samples, random, retrieval (SPEC §4).
+
+For a query the SFT pointer (PointerSelectorV2) defines, step by step, a distribution over the
+pool; a candidate is an ordered sequence of `shot_num` distinct pool rows (global training-row
+ids, in prompt order). The query's own row, and optionally every row sharing its image, is never
+proposed.
+
+Methods, in de-duplication priority order:
+  beam      beam search of width `num_beams`: at each step every live beam is extended by every
+            pool row and the best `num_beams` sequences by summed log-probability survive.
+            logprob_score = sum of step log-probs, beam_score = sum of step probabilities (the
+            lineage's meaning, kept), beam_rank 0.. in descending logprob_score. When fewer than
+            `num_beams` sequences exist (tiny pools), fewer beams are returned.
+  sample    for each T in `temps`, `num_samples_per_temp` sequences drawn step by step from
+            softmax(logits / T) over the rows still allowed; logprob_score = the sequence's
+            log-probability under that tempered distribution, temperature = T.
+  random    `num_random` sequences drawn uniformly among the allowed rows, no repeated row.
+  retrieval `num_retrieval` sequences that ignore the pointer model: with sim(j) = cosine between
+            the raw query embedding and the raw embedding of pool row j (allowed rows only), the
+            sets of `shot_num` distinct rows with the largest sum of sim, best first (ties by the
+            rows' similarity ranks, lexicographically); each set is put in prompt order by
+            decreasing sim. All score fields are None.
+Retrieval comes last in the priority so that enabling it never changes which beam, sample or
+random candidates survive. A candidate equal (as an ordered sequence: [a, b] != [b, a]) to one
+kept earlier is dropped and counted in `duplicates_dropped[gen_method]`.
+
+Speed. Queries are processed in batches. For each step, the batch's partial sequences (beams and
+samples, each with its own gated state) are scored against the pool in one streaming pass: the
+pool is cut into tiles of SCAN_CHUNK rows, and for every tile one matmul gives the logits of all
+rows of the batch, which are reduced at once to per-tile statistics (a running top-k for beams,
+a log-sum-exp per tile and per temperature). Nothing of size [rows, K] is ever materialised, and
+the pool is read once per batch and step. A sample is then drawn by inverting the CDF in two
+levels: pick the tile from the per-tile masses, recompute that one tile's logits for that one row,
+pick the row inside it. Exact sampling, at the cost of one tile per draw.
+
+Determinism. Every random number of a query comes from `query_generator(seed, query_idx)` and is
+drawn up front in a fixed order (sample uniforms, then random sequences), so the proposals of a
+query do not depend on which other queries share its batch, nor on resuming or sharding. Floating
+point is the one caveat: a BLAS matmul may round a row differently when the batch has another
+size, so scores can differ in the last bits between batchings, and a sequence can differ only
+where two choices tie to within that rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lever_lm.errors import InputError
+from lever_lm.models.v2.pointer_selector import PointerSelectorV2, PoolEncoding
+
+# Pool rows per tile of the streaming scan: [rows of a batch, SCAN_CHUNK] stays in cache.
+SCAN_CHUNK = 16_384
+# Default number of queries per batch; the pool is read once per batch and step.
+DEFAULT_QUERY_BATCH = 32
+# The retrieval method enumerates sets of the top rows; refuse settings that would enumerate more.
+MAX_RETRIEVAL_SETS = 1_000_000
+METHODS = ("beam", "sample", "random", "retrieval")
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """How many candidates of each kind to propose per query (SPEC §4); validated on creation."""
+
+    shot_num: int = 2
+    num_beams: int = 5
+    temps: tuple[float, ...] = (1.0, 1.3)
+    num_samples_per_temp: int = 2
+    num_random: int = 1
+    num_retrieval: int = 0
+    exclude_same_image: bool = False
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temps", tuple(float(t) for t in self.temps))
+        if self.shot_num < 1:
+            raise InputError(None, f"shot_num must be >= 1, got {self.shot_num}")
+        for name in ("num_beams", "num_samples_per_temp", "num_random", "num_retrieval"):
+            if getattr(self, name) < 0:
+                raise InputError(None, f"{name} must be >= 0, got {getattr(self, name)}")
+        for t in self.temps:
+            if not (math.isfinite(t) and t > 0):
+                raise InputError(None, f"every temperature must be a finite number > 0, got {t}")
+        if self.num_beams + self.samples_per_query + self.num_random + self.num_retrieval == 0:
+            raise InputError(None, "no proposal method is enabled (num_beams, temps x num_samples_per_temp, "
+                             "num_random and num_retrieval are all 0)")
+
+    @property
+    def samples_per_query(self) -> int:
+        return len(self.temps) * self.num_samples_per_temp
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One proposed ICD sequence and the scores of the method that proposed it."""
+
+    pointer: tuple[int, ...]  # global training-row ids in prompt order
+    gen_method: str  # "beam" | "sample" | "random" | "retrieval"
+    beam_rank: int | None = None
+    beam_score: float | None = None  # sum of step probabilities
+    logprob_score: float | None = None  # sum of step log-probs (tempered for samples)
+    temperature: float | None = None
+
+
+@dataclass
+class QueryProposals:
+    """The de-duplicated candidates of one query, in priority order beam, sample, random, retrieval."""
+
+    query_idx: int
+    candidates: list[Candidate]
+    duplicates_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METHODS, 0))
+
+
+def query_generator(seed: int, query_idx: int) -> torch.Generator:
+    """The random generator of one query: seeded by a stable hash of (seed, query id).
+
+    A hash (not seed + query_idx) keeps neighbouring queries' streams unrelated, and Python's
+    `hash` is salted per process, so sha256 it is.
+    """
+    digest = hashlib.sha256(f"lever_lm.proposals:{int(seed)}:{int(query_idx)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+@dataclass
+class _Scan:
+    """Per-tile statistics of one step for a batch of rows (see `_scan_pool`)."""
+
+    tile_lse: Tensor  # [V, C] log-sum-exp of each view's (tempered, masked) logits per tile
+    top_values: Tensor  # [Rb, k] best untempered logits of each beam row
+    top_indices: Tensor  # [Rb, k] their pool rows
+
+
+class Proposer:
+    """Proposes candidates for queries of one pool; the pool is encoded once, here."""
+
+    def __init__(
+        self,
+        model: PointerSelectorV2,
+        query_emb: Tensor,
+        cand_emb: Tensor,
+        settings: ProposalSettings,
+        image_ids: Sequence[int] | None = None,
+        device: str = "cpu",
+        query_batch_size: int | None = None,
+    ):
+        _check_embeddings(model, query_emb, cand_emb)
+        self.settings = settings
+        self.device = torch.device(device)
+        self.pool_size = cand_emb.shape[0]
+        self.query_batch_size = DEFAULT_QUERY_BATCH if query_batch_size is None else int(query_batch_size)
+        if self.query_batch_size < 1:
+            raise InputError(None, f"query_batch_size must be >= 1, got {query_batch_size}")
+        if settings.shot_num > self.pool_size - 1:
+            raise InputError(None, f"shot_num {settings.shot_num} needs at least {settings.shot_num + 1} pool rows "
+                             f"(the query is never its own ICD); the pool has {self.pool_size}")
+        if settings.exclude_same_image and image_ids is None:
+            raise InputError(None, "exclude_same_image needs the image id of every pool row (image_ids)")
+        self._image_groups = _ImageGroups(image_ids, self.pool_size) if settings.exclude_same_image else None
+        self.model = model.to(self.device).eval()
+        self.query_emb = query_emb
+        self.cand_emb = cand_emb  # kept (not copied) for the retrieval method
+        with torch.no_grad():
+            self.pool: PoolEncoding = self.model.encode_pool(cand_emb.to(self.device, torch.float32))
+        self._cand_norms = cand_emb.float().norm(dim=1).clamp_min(1e-12) if settings.num_retrieval else None
+
+    # -- public ----------------------------------------------------------------------------
+
+    def propose(self, query_ids: Sequence[int]) -> list[QueryProposals]:
+        """De-duplicated candidates for each query id (a training row), in the given order."""
+        ids = [int(q) for q in query_ids]
+        return [_deduplicate(q, [groups[m] for m in METHODS]) for q, groups in zip(ids, self.propose_by_method(ids))]
+
+    def propose_by_method(self, query_ids: Sequence[int]) -> list[dict[str, list[Candidate]]]:
+        """Every method's candidates for each query, before de-duplication, batch by batch."""
+        ids = [int(q) for q in query_ids]
+        limit = min(self.query_emb.shape[0], self.pool_size)
+        for q in ids:
+            if not 0 <= q < limit:
+                raise InputError(None, f"query id {q} is out of range: the embeddings have {limit} rows")
+        result: list[dict[str, list[Candidate]]] = []
+        for start in range(0, len(ids), self.query_batch_size):
+            result.extend(self._propose_batch(ids[start : start + self.query_batch_size]))
+        return result
+
+    # -- one batch -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _propose_batch(self, ids: list[int]) -> list[dict[str, list[Candidate]]]:
+        s = self.settings
+        banned = [self._banned_rows(q) for q in ids]
+        for q, rows in zip(ids, banned):
+            if self.pool_size - len(rows) < s.shot_num:
+                raise InputError(None, f"query {q}: only {self.pool_size - len(rows)} pool rows are left after "
+                                 f"excluding the query (and its image), fewer than shot_num {s.shot_num}")
+        generators = [query_generator(s.seed, q) for q in ids]
+        uniforms = torch.stack([torch.rand(s.samples_per_query, s.shot_num, generator=g, dtype=torch.float64)
+                                for g in generators])  # [Q, S, shot], drawn first: fixed order per query
+        randoms = [[Candidate(_random_sequence(g, rows, self.pool_size, s.shot_num), "random")
+                    for _ in range(s.num_random)] for g, rows in zip(generators, banned)]
+        beams, samples = self._search(ids, banned, uniforms)
+        retrievals = self._retrieve(ids, banned)
+        return [dict(zip(METHODS, group)) for group in zip(beams, samples, randoms, retrievals)]
+
+    def _banned_rows(self, query_idx: int) -> list[int]:
+        """Pool rows never proposed for this query: itself, and its image's rows when asked."""
+        rows = {query_idx}
+        if self._image_groups is not None:
+            rows.update(self._image_groups.rows_like(query_idx))
+        return sorted(rows)
+
+    def _search(self, ids: list[int], banned: list[list[int]], uniforms: Tensor):
+        """Beam search and temperature sampling together, one streaming pool scan per step.
+
+        A "row" is a state whose next-pick distribution is needed, pre-divided by its temperature
+        (logits are linear in the state, so state / T gives logits / T without a pass over the
+        logits). At step 0 all methods start from the query's state: one row per query and
+        distinct temperature (1 for the beams, each T of `temps`); each T row starts
+        `num_samples_per_temp` samples. Later: Q x slots beam rows, then Q x S sample rows, each
+        with its own gated state.
+        """
+        s, model, pool, dev = self.settings, self.model, self.pool, self.device
+        Q, B, S, n = len(ids), s.num_beams, s.samples_per_query, s.num_samples_per_temp
+        if B == 0 and S == 0:
+            return [[] for _ in ids], [[] for _ in ids]
+        qidx = torch.tensor(ids, device=dev)
+        base = _pad_rows(banned, self.pool_size).to(dev)  # [Q, nb], padded with K (never inside a tile)
+        uniforms = uniforms.to(dev)
+        state0 = model.encode_queries(self.query_emb[qidx].to(dev, torch.float32), pool, exclude=qidx)
+        temps0 = list(dict.fromkeys(([1.0] if B else []) + (list(s.temps) if S else [])))  # distinct, in order
+        sample_temp = torch.tensor(s.temps, device=dev).repeat_interleave(n).repeat(Q)  # [Q*S] per sample row
+
+        slots = 1  # beam slots per query: 1 before the first step
+        beam_seq = torch.empty(Q, 1, 0, dtype=torch.long, device=dev)
+        beam_logp = torch.zeros(Q, 1, device=dev)
+        beam_prob = torch.zeros(Q, 1, device=dev)
+        beam_state = state0 if B else state0[:0]
+        sample_seq = torch.empty(Q, S, 0, dtype=torch.long, device=dev)
+        sample_logp = torch.zeros(Q, S, device=dev)
+        sample_state = state0.repeat_interleave(S, dim=0)
+
+        for t in range(s.shot_num):
+            if t == 0:  # row j * Q + q: query q at temperature temps0[j]; beams use j = 0 (T = 1)
+                rows = torch.cat([state0 / temp for temp in temps0])
+                row_banned = base.repeat(len(temps0), 1)
+                beam_rows = Q if B else 0
+                first_row = torch.tensor([temps0.index(temp) * Q for temp in s.temps], device=dev)
+                draw_rows = (torch.arange(Q, device=dev).unsqueeze(1) + first_row).flatten()  # (q, T) order
+                draws = uniforms[:, :, 0].reshape(Q * len(s.temps), n) if S else uniforms.new_empty(0, 1)
+            else:
+                beam_banned = (torch.cat([base.repeat_interleave(slots, 0), beam_seq.flatten(0, 1)], dim=1)
+                               if B else base[:0])
+                sample_banned = torch.cat([base.repeat_interleave(S, 0), sample_seq.flatten(0, 1)], dim=1)
+                rows = torch.cat([beam_state, sample_state / sample_temp.unsqueeze(1)])
+                row_banned = _cat_padded(beam_banned, sample_banned, self.pool_size)
+                beam_rows = len(beam_state)
+                draw_rows = len(beam_state) + torch.arange(Q * S, device=dev)
+                draws = uniforms[:, :, t].reshape(Q * S, 1)
+            scan = self._scan_pool(rows, row_banned, beam_rows, B)
+            last = t == s.shot_num - 1
+            if B:
+                beam_seq, beam_logp, beam_prob, beam_state, slots = self._beam_step(
+                    scan, rows, beam_seq, beam_logp, beam_prob, Q, slots, advance=not last)
+            if S:
+                picks, logp = self._draw(rows, row_banned, draw_rows, scan.tile_lse, draws)
+                picks, logp = picks.reshape(Q, S), logp.reshape(Q, S)  # same (T, sample) order at every step
+                sample_seq = torch.cat([sample_seq, picks.unsqueeze(2)], dim=2)
+                sample_logp = sample_logp + logp
+                if not last:
+                    sample_state = model.advance(sample_state, picks.flatten(), pool)
+
+        return (
+            [_beam_candidates(beam_seq[i], beam_logp[i], beam_prob[i]) for i in range(Q)] if B else [[] for _ in ids],
+            [_sample_candidates(sample_seq[i], sample_logp[i], s.temps, n) for i in range(Q)],
+        )
+
+    def _scan_pool(self, rows: Tensor, banned: Tensor, beam_rows: int, k: int) -> _Scan:
+        """One pass over the pool in tiles: per-tile log-sum-exp of every row, top-k of the first `beam_rows`."""
+        K = self.pool_size
+        tile_lse, top_values, top_indices = [], [], []
+        for start in range(0, K, SCAN_CHUNK):
+            stop = min(start + SCAN_CHUNK, K)
+            logits = self.model.step_logits(rows, self.pool, rows=slice(start, stop))  # [R, c]
+            _mask_tile(logits, banned, start)
+            if beam_rows:
+                values, local = logits[:beam_rows].topk(min(k, stop - start), dim=1)
+                top_values.append(values)
+                top_indices.append(local + start)
+            tile_lse.append(torch.logsumexp(logits, dim=1))
+        if top_values:
+            values, which = torch.cat(top_values, dim=1).topk(min(k, K), dim=1)
+            indices = torch.cat(top_indices, dim=1).gather(1, which)
+        else:
+            values = indices = torch.empty(0, k, device=rows.device)
+        return _Scan(tile_lse=torch.stack(tile_lse, dim=1), top_values=values, top_indices=indices.long())
+
+    def _beam_step(self, scan: _Scan, rows: Tensor, seq: Tensor, logp: Tensor, prob: Tensor,
+                   Q: int, slots: int, advance: bool):
+        """Extend every beam by its best rows, keep the best `num_beams` per query (top-k over beams x k).
+
+        The beams' rows are the first Q x slots rows of the step (query-major), at T = 1.
+        """
+        lse = torch.logsumexp(scan.tile_lse[: Q * slots], dim=1, keepdim=True)  # [Q*slots, 1]
+        step_logp = scan.top_values - lse  # [Q*slots, k]
+        k = step_logp.shape[1]
+        total = (logp.reshape(-1, 1) + step_logp).reshape(Q, slots * k)
+        total.masked_fill_(total.isnan(), float("-inf"))  # a dead slot whose row has nothing left
+        best, flat = total.topk(min(self.settings.num_beams, slots * k), dim=1)
+        parent = flat // k  # [Q, B'] slot of the extended beam
+        picked = scan.top_indices.reshape(Q, slots * k).gather(1, flat)
+        step_prob = step_logp.reshape(Q, slots * k).gather(1, flat).exp()
+        new_seq = torch.cat([seq.gather(1, parent.unsqueeze(2).expand(-1, -1, seq.shape[2])), picked.unsqueeze(2)], 2)
+        new_prob = prob.gather(1, parent) + step_prob
+        new_states = None
+        if advance:  # beam rows are unscaled (T = 1) states
+            parent_rows = (parent + torch.arange(Q, device=parent.device).unsqueeze(1) * slots).flatten()
+            new_states = self.model.advance(rows[parent_rows], picked.flatten(), self.pool)
+        return new_seq, best, new_prob, new_states, best.shape[1]
+
+    def _draw(self, rows: Tensor, banned: Tensor, draw_rows: Tensor, tile_lse: Tensor,
+              uniforms: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse-CDF draws [V, n] from the (tempered) distributions of `draw_rows`, and their log-probs.
+
+        Level 1 picks the tile from the per-tile masses (float64 cumulative sum over tiles);
+        level 2 recomputes that tile's logits for that one row and picks inside it.
+        """
+        tile_lse = tile_lse[draw_rows]
+        lse = torch.logsumexp(tile_lse, dim=1, keepdim=True)  # [V, 1]
+        mass = (tile_lse - lse).double().exp()  # [V, C]
+        cum = mass.cumsum(dim=1)
+        target = torch.minimum(uniforms * cum[:, -1:], cum[:, -1:] * (1 - 1e-12))  # [V, n]
+        tiles = torch.searchsorted(cum, target, right=True)
+        before = torch.where(tiles > 0, cum.gather(1, (tiles - 1).clamp_min(0)), torch.zeros_like(target))
+        fraction = ((target - before) / mass.gather(1, tiles)).clamp(0, 1 - 1e-12)
+        picks = torch.empty_like(tiles)
+        logps = torch.empty_like(target, dtype=torch.float32)
+        for v, j in itertools.product(range(tiles.shape[0]), range(tiles.shape[1])):
+            tile, row = int(tiles[v, j]), int(draw_rows[v])
+            start = tile * SCAN_CHUNK
+            logits = self.model.step_logits(rows[row : row + 1], self.pool,
+                                            rows=slice(start, min(start + SCAN_CHUNK, self.pool_size)))
+            _mask_tile(logits, banned[row : row + 1], start)
+            weights = (logits[0] - tile_lse[v, tile]).double().exp().cumsum(0)
+            local = int(torch.searchsorted(weights, fraction[v, j] * weights[-1], right=True).clamp(max=len(weights) - 1))
+            picks[v, j] = start + local
+            logps[v, j] = logits[0, local] - lse[v, 0]
+        return picks, logps
+
+    def _retrieve(self, ids: list[int], banned: list[list[int]]) -> list[list[Candidate]]:
+        """The retrieval candidates (module docstring): top sets of rows by summed raw cosine."""
+        n, shot = self.settings.num_retrieval, self.settings.shot_num
+        if n == 0:
+            return [[] for _ in ids]
+        queries = F.normalize(self.query_emb[torch.tensor(ids)].float(), dim=1)
+        sims = (queries @ self.cand_emb.float().T) / self._cand_norms  # [Q, K]
+        result = []
+        for i, rows in enumerate(banned):
+            sims[i, rows] = float("-inf")
+            top = min(n + shot - 1, self.pool_size - len(rows))  # the best n sets use only these rows
+            if math.comb(top, shot) > MAX_RETRIEVAL_SETS:
+                raise InputError(None, f"num_retrieval {n} with shot_num {shot} would enumerate "
+                                 f"{math.comb(top, shot)} sets; use fewer retrieval candidates")
+            values, order = sims[i].topk(top)
+            values, order = values.tolist(), order.tolist()
+            best = heapq.nsmallest(n, itertools.combinations(range(top), shot),
+                                   key=lambda ranks: (-sum(values[r] for r in ranks), ranks))
+            result.append([Candidate(tuple(order[r] for r in ranks), "retrieval") for ranks in best])
+        return result
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class _ImageGroups:
+    """Which pool rows share an image, for `exclude_same_image`."""
+
+    def __init__(self, image_ids: Sequence[int], pool_size: int):
+        ids = torch.as_tensor(list(image_ids), dtype=torch.long)
+        if ids.shape != (pool_size,):
+            raise InputError(None, f"image_ids has {ids.numel()} entries, the pool has {pool_size} rows")
+        self.ids = ids
+        self.sorted_ids, self.order = torch.sort(ids, stable=True)
+
+    def rows_like(self, row: int) -> list[int]:
+        image = self.ids[row]
+        lo = int(torch.searchsorted(self.sorted_ids, image))
+        hi = int(torch.searchsorted(self.sorted_ids, image, right=True))
+        return self.order[lo:hi].tolist()
+
+
+def _check_embeddings(model: PointerSelectorV2, query_emb: Tensor, cand_emb: Tensor) -> None:
+    for name, emb in (("query_emb", query_emb), ("cand_emb", cand_emb)):
+        if emb.dim() != 2 or emb.shape[1] != model.input_dim:
+            raise InputError(None, f"{name} must be [N, {model.input_dim}] (the model's input dim), "
+                             f"got {list(emb.shape)}")
+
+
+def _pad_rows(rows: list[list[int]], pad: int) -> Tensor:
+    """Ragged lists of pool rows as one tensor, padded with `pad` (the pool size: masks nothing)."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def _cat_padded(a: Tensor, b: Tensor, pad: int) -> Tensor:
+    """Stack two [*, n] banned-row tensors of possibly different widths."""
+    width = max(a.shape[1], b.shape[1])
+    a = F.pad(a, (0, width - a.shape[1]), value=pad)
+    b = F.pad(b, (0, width - b.shape[1]), value=pad)
+    return torch.cat([a, b])
+
+
+def _mask_tile(logits: Tensor, banned: Tensor, start: int) -> None:
+    """Set -inf where a row's banned pool rows fall inside the tile [start, start + width)."""
+    local = banned - start
+    inside = (local >= 0) & (local < logits.shape[1])
+    rows, cols = inside.nonzero(as_tuple=True)
+    logits[rows, local[rows, cols]] = float("-inf")
+
+
+def _random_sequence(generator: torch.Generator, banned: list[int], pool_size: int, shot: int) -> tuple[int, ...]:
+    """`shot` distinct rows drawn uniformly among the rows not banned (exact, no rejection loop).
+
+    Draw r uniform in [0, free rows) and map it to the r-th free row by stepping over the
+    blocked rows in ascending order.
+    """
+    picked: list[int] = []
+    for _ in range(shot):
+        blocked = sorted(set(banned).union(picked))
+        r = int(torch.randint(pool_size - len(blocked), (1,), generator=generator))
+        for b in blocked:
+            if b > r:
+                break
+            r += 1
+        picked.append(r)
+    return tuple(picked)
+
+
+def _beam_candidates(seq: Tensor, logp: Tensor, prob: Tensor) -> list[Candidate]:
+    """Beams of one query in rank order; impossible ones (-inf, tiny pools) are left out."""
+    return [
+        Candidate(tuple(seq[b].tolist()), "beam", beam_rank=b, beam_score=float(prob[b]), logprob_score=float(logp[b]))
+        for b in range(seq.shape[0])
+        if math.isfinite(float(logp[b]))
+    ]
+
+
+def _sample_candidates(seq: Tensor, logp: Tensor, temps: tuple[float, ...], n: int) -> list[Candidate]:
+    return [
+        Candidate(tuple(seq[i].tolist()), "sample", logprob_score=float(logp[i]), temperature=temps[i // n])
+        for i in range(seq.shape[0])
+    ]
+
+
+def _deduplicate(query_idx: int, groups: list[list[Candidate]]) -> QueryProposals:
+    """Keep the first candidate of each ordered sequence (groups come in priority order)."""
+    seen: set[tuple[int, ...]] = set()
+    kept: list[Candidate] = []
+    dropped = dict.fromkeys(METHODS, 0)
+    for candidate in itertools.chain.from_iterable(groups):
+        if candidate.pointer in seen:
+            dropped[candidate.gen_method] += 1
+        else:
+            seen.add(candidate.pointer)
+            kept.append(candidate)
+    return QueryProposals(query_idx=query_idx, candidates=kept, duplicates_dropped=dropped)
