@@ -79,6 +79,17 @@ def test_cli_resolves_the_preset_from_the_environment(demo, tmp_path, monkeypatc
     torch.testing.assert_close(load_embeddings(tmp_path / "emb" / "query_embeddings.pt"), embeddings)
 
 
+def test_cli_reads_the_dataset_section_of_the_config(demo, tmp_path):
+    split, _, clip_dir, embeddings = demo
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"dataset:\n  train_ques_path: {split.questions_path}\n  train_ann_path: {split.annotations_path}\n"
+        f"  train_image_root: {split.image_root}\nvqa_model:\n  batch_size: 2\n"
+    )
+    main(["--config", str(config), "--clip_model", str(clip_dir), "--output_dir", str(tmp_path / "e"), "--no_progress"])
+    torch.testing.assert_close(load_embeddings(tmp_path / "e" / "candidate_embeddings.pt"), embeddings)
+
+
 def test_missing_image_is_a_clear_error_and_nothing_is_written(demo, tmp_path, capsys):
     split, dataset, clip_dir, _ = demo
     copy = Split("train", tmp_path / "vqa")

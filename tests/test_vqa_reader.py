@@ -117,6 +117,13 @@ def test_image_prefix_from_data_subtype_else_from_the_image_root_name(tmp_path):
     assert error.value.path == str(q_path)
 
 
+def test_missing_image_root(tmp_path):
+    q_path, a_path, image_root = _write_small_set(tmp_path)
+    with pytest.raises(InputError, match="image directory not found") as error:
+        VQADataset.load(q_path, a_path, tmp_path / "train2014_missing")
+    assert error.value.path == str(tmp_path / "train2014_missing")
+
+
 def test_load_annotations_by_question_id(tmp_path):
     _, a_path, _ = _write_small_set(tmp_path)
     annotations = load_annotations(a_path)

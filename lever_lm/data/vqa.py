@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ class VQADataset:
         questions = _records(questions_file, "questions", questions_path)
         annotations = load_annotations(annotations_path)
         subtype = _image_subtype(questions_file, questions_path, image_root)
+        if not image_root.is_dir():
+            raise InputError(image_root, "image directory not found")
         columns = _join_columns(questions, questions_path, annotations, annotations_path)
         return cls(questions_path, annotations_path, image_root, columns, subtype, image_cache_size)
 
@@ -239,19 +242,22 @@ def _join_columns(questions: list[dict], questions_path: Path, annotations: dict
         columns["question"].append(question)
         columns["answers"].append(answers)
         columns["icd_answer"].append(icd_answer(annotation, answers))
-        columns["answer_type"].append(annotation.get("answer_type"))
-        columns["question_type"].append(annotation.get("question_type"))
+        columns["answer_type"].append(_interned(annotation.get("answer_type")))
+        columns["question_type"].append(_interned(annotation.get("question_type")))
     return columns
 
 
+def _interned(value: object) -> str | None:
+    return sys.intern(value) if isinstance(value, str) else None
+
+
 def _raw_answers(annotation: dict, question_id: int, path: Path) -> tuple[str, ...]:
+    """The raw answer texts, interned: VQAv2 answers repeat a lot ("yes", "2"), one copy each is enough."""
     answers = annotation.get("answers")
     if not isinstance(answers, list) or not answers:
         raise InputError(path, f"question_id {question_id} has no 'answers' list")
-    raw = []
-    for answer in answers:
-        text = answer.get("answer") if isinstance(answer, dict) else None
-        if not isinstance(text, str):
-            raise InputError(path, f"question_id {question_id} has an answer without 'answer' text: {answer!r}")
-        raw.append(text)
-    return tuple(raw)
+    try:
+        return tuple(sys.intern(answer["answer"]) for answer in answers)
+    except (TypeError, KeyError):
+        bad = next(a for a in answers if not (isinstance(a, dict) and isinstance(a.get("answer"), str)))
+        raise InputError(path, f"question_id {question_id} has an answer without 'answer' text: {bad!r}") from None

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
+from transformers import AutoConfig, CLIPModel
 
 from lever_lm.data.embeddings import short_error
 from lever_lm.data.vqa import VQADataset, read_rgb_image
@@ -63,8 +64,6 @@ def combine(image_emb: Tensor, text_emb: Tensor) -> Tensor:
 
 def load_clip(model_dir: str | Path, device: str):
     """CLIPModel (float32, eval) and its processor from a local directory or the local HF cache."""
-    from transformers import AutoConfig, CLIPModel
-
     if _looks_like_a_path(model_dir) and not Path(model_dir).is_dir():
         raise InputError(model_dir, "CLIP model directory not found")
     try:
