@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     parser.add_argument("--batch_size", type=int, default=32, help="beams per step (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initial weights and batch order (default: 0)")
+    parser.add_argument(
+        "--num_threads", type=int, default=1, help="torch CPU threads (default: 1; the demo's matrices are tiny)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.num_threads)  # more threads on tiny matrices only spin: 7x slower on a busy 2-core box
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     with exit_on_input_error():
         embeddings = load_embeddings(args.emb)
