@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -21,3 +22,59 @@ def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     build_demo(out, seed=0)
     return out
+
+
+@dataclass(frozen=True)
+class RLInputs:
+    """Everything the RL generator reads, built from the demo: embeddings, beam data, SFT checkpoint."""
+
+    demo: Path
+    query_emb: Path
+    cand_emb: Path
+    beam_data: Path
+    sft_ckpt: Path
+
+    @property
+    def vqa(self) -> Path:
+        return self.demo / "vqa"
+
+    @property
+    def vlm(self) -> Path:
+        return self.demo / "models" / "qwen2.5-vl-tiny"
+
+    def dataset_flags(self) -> list[str]:
+        return [
+            "--train_ques_path", str(self.vqa / "OpenEnded_mscoco_train2014_questions.json"),
+            "--train_ann_path", str(self.vqa / "mscoco_train2014_annotations.json"),
+            "--train_image_root", str(self.vqa / "mscoco2014" / "train2014"),
+        ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def rl_inputs(demo_dir: Path, tmp_path_factory) -> RLInputs:
+    """Demo embeddings (tiny CLIP), 12 queries of beam data, and a briefly trained SFT pointer."""
+    from lever_lm.data.beam_data import load_beam_data, save_beam_data
+    from lever_lm.data.embeddings import save_embeddings
+    from lever_lm.data.vqa import VQADataset
+    from lever_lm.demo.beam_data import build_demo_beam_data
+    from lever_lm.embeddings.export import export_embeddings
+    from lever_lm.models.v2.checkpoint import save_pointer_checkpoint
+    from lever_lm.models.v2.train_sft import train_pointer_sft
+
+    out = tmp_path_factory.mktemp("rl_inputs")
+    vqa = demo_dir / "vqa"
+    dataset = VQADataset.load(
+        vqa / "OpenEnded_mscoco_train2014_questions.json",
+        vqa / "mscoco_train2014_annotations.json",
+        vqa / "mscoco2014" / "train2014",
+    )
+    embeddings = export_embeddings(dataset, demo_dir / "models" / "clip-tiny", batch_size=64, progress=False)
+    save_embeddings(embeddings, out / "query_embeddings.pt")
+    save_embeddings(embeddings, out / "candidate_embeddings.pt")
+    save_beam_data(build_demo_beam_data(dataset, embeddings, num_queries=12), out / "beam.json")
+    beam = load_beam_data(out / "beam.json", len(dataset))
+    model = train_pointer_sft(
+        beam, embeddings, hidden_dim=32, num_layers=1, use_gate=True, epochs=5, lr=3e-3, batch_size=32, seed=0
+    )
+    save_pointer_checkpoint(model, out / "sft.ckpt")
+    return RLInputs(demo_dir, out / "query_embeddings.pt", out / "candidate_embeddings.pt", out / "beam.json", out / "sft.ckpt")

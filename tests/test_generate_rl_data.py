@@ -1,0 +1,197 @@
+"""The RL data generator end to end on the demo: tiny pointer, tiny Qwen2.5-VL, CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lever_lm.data.beam_data import load_beam_data
+from lever_lm.models.v3 import generate_rl_data
+from lever_lm.rl import generate
+from lever_lm.rl.journal import Journal
+from lever_lm.rl.validate import Expectations, load_rl_data, validate_rl_data
+from lever_lm.vqa.metric import vqa_accuracy
+
+SMALL = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "--num_random", "1", "--device", "cpu"]
+SEED_FLAGS = {
+    "--sft_ckpt": None, "--beam_data": None, "--output_path": None, "--query_emb": None, "--cand_emb": None,
+    "--vqa_model": "qwen2.5_vl_3B", "--dataset": "okvqa_local", "--num_beams": "5", "--temps": "[1.0, 1.3]",
+    "--num_samples_per_temp": "2", "--num_random": "1", "--device": "cuda:0", "--val_ques_path": None,
+    "--val_ann_path": None, "--config": None,
+}  # fmt: skip
+
+
+def argv(rl_inputs, output: Path, *extra: str) -> list[str]:
+    return [
+        "--sft_ckpt", str(rl_inputs.sft_ckpt), "--beam_data", str(rl_inputs.beam_data),
+        "--output_path", str(output), "--query_emb", str(rl_inputs.query_emb), "--cand_emb", str(rl_inputs.cand_emb),
+        "--vqa_model_path", str(rl_inputs.vlm), *rl_inputs.dataset_flags(), *SMALL, "--no_progress", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(rl_inputs, tmp_path_factory) -> Path:
+    """One uninterrupted single run: the output every other way of running must reproduce."""
+    output = tmp_path_factory.mktemp("reference") / "rl.json"
+    generate_rl_data.main(argv(rl_inputs, output))
+    return output
+
+
+def _expectations(rl_inputs) -> Expectations:
+    beam = load_beam_data(rl_inputs.beam_data, 274)
+    return Expectations(beam.query_ids, beam.shot_num, 274)
+
+
+def test_output_follows_the_schema_and_the_trainers_rules(reference: Path, rl_inputs):
+    data = load_rl_data(reference)
+    validate_rl_data(reference, data, _expectations(rl_inputs))  # raises on any violation
+    keys = list(data)
+    assert all(k.isdigit() for k in keys)
+    assert keys == [str(q) for q in load_beam_data(rl_inputs.beam_data, 274).query_ids]
+    assert data[keys[0]]["pointer_candidates"], "the first query must have candidates"
+    methods = {c["gen_method"] for entry in data.values() for c in entry["pointer_candidates"]}
+    assert methods <= {"beam", "sample", "random"} and "beam" in methods
+    for entry in data.values():
+        gt = entry["query"]["gt_answers_raw"]
+        assert len(gt) == 10
+        for c in entry["pointer_candidates"]:
+            assert c["vqa_acc_score"] == vqa_accuracy(c["vqa_pred_answer"], gt)
+            assert c["vqa_eval_mode"] == "vqaEval" and c["eval_failed"] is False
+            if c["gen_method"] == "beam":
+                assert c["beam_score"] > 0 and c["logprob_score"] < 0 and c["temperature"] is None
+            if c["gen_method"] == "sample":
+                assert c["temperature"] == 1.0 and c["beam_rank"] is None
+    meta = json.loads(reference.with_name("rl.json.meta.json").read_text())
+    assert meta["counts"]["queries"] == len(keys)
+    assert meta["counts"]["candidates"] == sum(len(e["pointer_candidates"]) for e in data.values())
+    assert meta["settings"]["proposal"]["num_beams"] == 2
+
+
+def test_a_rerun_with_the_same_settings_loads_no_model_and_rewrites_the_same_bytes(reference, rl_inputs, monkeypatch):
+    before = reference.read_bytes()
+    monkeypatch.setattr(generate, "load_backend", _no_model)
+    generate_rl_data.main(argv(rl_inputs, reference))
+    assert reference.read_bytes() == before
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the VQA model must not be loaded when every query is journaled")
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, rl_inputs, tmp_path):
+    output = tmp_path / "rl.json"
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output, "--batch_size", "2")]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal_lines = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        journals = list((tmp_path / "rl.json.journal").glob("*/shard-0-of-1.jsonl"))
+        journal_lines = journals[0].read_bytes().count(b"\n") if journals else 0
+        if journal_lines >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 2 <= journal_lines < 12, "the kill should land mid-run"
+    assert not output.exists(), "no final JSON before the run ends"
+    generate_rl_data.main(argv(rl_inputs, output))
+    assert output.read_bytes() == reference.read_bytes()
+
+
+def test_sharded_and_merged_equals_a_single_run(rl_inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(generate, "PROPOSAL_BLOCK", 4)  # 12 queries -> 3 blocks over 2 shards
+    single = tmp_path / "single" / "rl.json"
+    generate_rl_data.main(argv(rl_inputs, single))
+    sharded = tmp_path / "sharded" / "rl.json"
+    with pytest.raises(SystemExit) as refused:  # merging before the shards exist is an error
+        generate_rl_data.main(argv(rl_inputs, sharded, "--num_shards", "2", "--merge"))
+    assert refused.value.code == 2
+    for shard in ("1", "0"):
+        generate_rl_data.main(argv(rl_inputs, sharded, "--num_shards", "2", "--shard_id", shard))
+        assert not sharded.exists(), "a shard alone writes no final JSON"
+    journals = sorted(p.name for p in (tmp_path / "sharded" / "rl.json.journal").glob("*/*.jsonl"))
+    assert journals == ["shard-0-of-2.jsonl", "shard-1-of-2.jsonl"]
+    generate_rl_data.main(argv(rl_inputs, sharded, "--num_shards", "2", "--merge"))
+    assert sharded.read_bytes() == single.read_bytes()
+
+
+def test_other_settings_start_their_own_journal_and_switching_back_resumes(reference, rl_inputs, monkeypatch):
+    journal_root = reference.with_name("rl.json.journal")
+    first = {p.name for p in journal_root.iterdir()}
+    other = reference.with_name("other.json")
+    generate_rl_data.main(argv(rl_inputs, other, "--journal_dir", str(journal_root), "--temps", "0.7", "--limit", "2"))
+    assert len({p.name for p in journal_root.iterdir()} - first) == 1
+    assert len(load_rl_data(other)) == 2
+    monkeypatch.setattr(generate, "load_backend", _no_model)
+    before = reference.read_bytes()
+    generate_rl_data.main(argv(rl_inputs, reference))  # back to the first settings: all done already
+    assert reference.read_bytes() == before
+
+
+def test_a_second_writer_on_the_same_journal_is_refused(reference, rl_inputs, capsys, monkeypatch):
+    fingerprint = json.loads(reference.with_name("rl.json.meta.json").read_text())["fingerprint"]
+    directory = reference.with_name("rl.json.journal") / fingerprint
+    monkeypatch.setattr(generate, "load_backend", _no_model)
+    with Journal.open(directory):
+        with pytest.raises(SystemExit) as exit_info:
+            generate_rl_data.main(argv(rl_inputs, reference))
+    assert exit_info.value.code == 2
+    assert "in use by another run" in capsys.readouterr().err
+
+
+def test_help_lists_every_seed_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        generate_rl_data.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in SEED_FLAGS.items():
+        assert flag in text
+        if default is not None:
+            assert f"(default: {default})" in text, flag
+
+
+@pytest.mark.parametrize("breakage", ["missing_embeddings", "beam_id_out_of_range", "non_positive_temperature"])
+def test_bad_input_stops_before_the_model_loads(breakage, rl_inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(generate, "load_backend", _no_model)
+    args = argv(rl_inputs, tmp_path / "rl.json")
+    if breakage == "missing_embeddings":
+        args[args.index("--query_emb") + 1] = str(tmp_path / "nowhere.pt")
+        expected = "export_embeddings"
+    elif breakage == "beam_id_out_of_range":
+        beam = json.loads(rl_inputs.beam_data.read_text())
+        first = next(iter(beam))
+        beam[first]["id_list"][0][0] = 9999
+        (tmp_path / "beam.json").write_text(json.dumps(beam))
+        args[args.index("--beam_data") + 1] = str(tmp_path / "beam.json")
+        expected = "9999"
+    else:
+        args += ["--temps", "0"]
+        expected = "--temps"
+    with pytest.raises(SystemExit) as exit_info:
+        generate_rl_data.main(args)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "rl.json").exists() and not (tmp_path / "rl.json.journal").exists()
+
+
+def test_queries_are_scored_with_the_val_annotations_that_hold_them(reference, rl_inputs, tmp_path):
+    data = load_rl_data(reference)
+    query = data[next(iter(data))]["query"]
+    answers = [{"answer": "zebra", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]
+    annotations = {"annotations": [{"question_id": query["question_id"], "image_id": query["image_id"], "answers": answers}]}
+    questions = {"questions": [{"question_id": query["question_id"], "image_id": query["image_id"], "question": query["question"]}]}
+    (tmp_path / "a.json").write_text(json.dumps(annotations))
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    output = tmp_path / "rl.json"
+    extra = ["--val_ques_path", str(tmp_path / "q.json"), "--val_ann_path", str(tmp_path / "a.json"), "--limit", "2"]
+    generate_rl_data.main(argv(rl_inputs, output, *extra))
+    scored = load_rl_data(output)
+    entries = list(scored.values())
+    assert entries[0]["query"]["gt_answers_raw"] == ["zebra"] * 10
+    assert entries[1]["query"]["gt_answers_raw"] == list(data.values())[1]["query"]["gt_answers_raw"]
