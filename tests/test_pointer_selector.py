@@ -57,3 +57,13 @@ def test_split_inference_and_forward_match_reference(monkeypatch):
             ref = _reference_log_probs(model, pool[queries[b]], pool, labels[b].tolist(), int(queries[b]))
             torch.testing.assert_close(forward[b], ref, rtol=1e-4, atol=1e-4)
         assert torch.isinf(forward[0, 1, 5]) and torch.isinf(forward[0, 0, 3])
+
+
+def test_step_logits_of_a_pool_slice_equal_the_full_logits_sliced():
+    torch.manual_seed(1)
+    model = PointerSelectorV2(24, hidden_dim=16, num_layers=1, use_gate=True).eval()
+    with torch.no_grad():
+        enc = model.encode_pool(torch.randn(30, 24))
+        state = F.normalize(torch.randn(3, 16), dim=-1)
+        full = model.step_logits(state, enc)
+        torch.testing.assert_close(model.step_logits(state, enc, rows=slice(7, 19)), full[:, 7:19])

@@ -92,7 +92,7 @@ class PointerSelectorV2(nn.Module):
         [M, K] (1.8 MB per state at K = 443,757).
         """
         cand = pool.cand if rows is None else pool.cand[rows]
-        return state @ cand.T / LOGIT_TEMPERATURE
+        return (state / LOGIT_TEMPERATURE) @ cand.T  # scale the [M, h] side: one pass less over [M, K]
 
     def next_log_probs(self, state: Tensor, pool: PoolEncoding, banned: Tensor) -> Tensor:
         """Log-probabilities [M, K] of the next index; `banned` [M, n] (picked ids, the query) get -inf."""

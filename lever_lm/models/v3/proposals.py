@@ -3,7 +3,8 @@
 For a query the SFT pointer (PointerSelectorV2) defines, step by step, a distribution over the
 pool; a candidate is an ordered sequence of `shot_num` distinct pool rows (global training-row
 ids, in prompt order). The query's own row, and optionally every row sharing its image, is never
-proposed.
+proposed: like rows already picked, those rows get probability 0 at every step (masked before the
+softmax, so each step's distribution is renormalised over the rows left).
 
 Methods, in de-duplication priority order:
   beam      beam search of width `num_beams`: at each step every live beam is extended by every
@@ -28,13 +29,15 @@ Speed. Queries are processed in batches. For each step, the batch's partial sequ
 samples, each with its own gated state) are scored against the pool in one streaming pass: the
 pool is cut into tiles of SCAN_CHUNK rows, and for every tile one matmul gives the logits of all
 rows of the batch, which are reduced at once to per-tile statistics (a running top-k for beams,
-a log-sum-exp per tile and per temperature). Nothing of size [rows, K] is ever materialised, and
-the pool is read once per batch and step. A sample is then drawn by inverting the CDF in two
-levels: pick the tile from the per-tile masses, recompute that one tile's logits for that one row,
-pick the row inside it. Exact sampling, at the cost of one tile per draw.
+a log-sum-exp per row; a sample's temperature is folded into its state, logits being linear in
+it). Nothing of size [rows, K] is ever materialised, and the pool is read once per batch and step.
+Beam search stays exact (every pool row is considered for every beam). A sample is drawn by
+inverting the CDF in two levels: pick the tile from the per-tile masses, recompute that one tile's
+logits for that one row, pick the row inside it: exact sampling, for one small tile per draw.
 
 Determinism. Every random number of a query comes from `query_generator(seed, query_idx)` and is
-drawn up front in a fixed order (sample uniforms, then random sequences), so the proposals of a
+drawn up front in a fixed order (the [S, shot_num] float64 uniforms of the samples, then the random
+sequences), so the proposals of a
 query do not depend on which other queries share its batch, nor on resuming or sharding. Floating
 point is the one caveat: a BLAS matmul may round a row differently when the batch has another
 size, so scores can differ in the last bits between batchings, and a sequence can differ only
@@ -58,9 +61,9 @@ from lever_lm.errors import InputError
 from lever_lm.models.v2.pointer_selector import PointerSelectorV2, PoolEncoding
 
 # Pool rows per tile of the streaming scan: [rows of a batch, SCAN_CHUNK] stays in cache.
-SCAN_CHUNK = 16_384
+SCAN_CHUNK = 2_048
 # Default number of queries per batch; the pool is read once per batch and step.
-DEFAULT_QUERY_BATCH = 32
+DEFAULT_QUERY_BATCH = 64
 # The retrieval method enumerates sets of the top rows; refuse settings that would enumerate more.
 MAX_RETRIEVAL_SETS = 1_000_000
 METHODS = ("beam", "sample", "random", "retrieval")
@@ -136,6 +139,65 @@ class _Scan:
     tile_lse: Tensor  # [V, C] log-sum-exp of each view's (tempered, masked) logits per tile
     top_values: Tensor  # [Rb, k] best untempered logits of each beam row
     top_indices: Tensor  # [Rb, k] their pool rows
+
+
+@dataclass
+class _StepRows:
+    """The rows scored in one step: [R, h] states (divided by T), their banned pool rows, roles."""
+
+    rows: Tensor
+    banned: Tensor  # [R, n]
+    beam_rows: int  # rows [0, beam_rows) are the beams (T = 1)
+    draw_rows: Tensor  # [V] the row each sample draw uses, in (query, temperature) order
+
+
+@dataclass
+class _Beams:
+    """Live beams of a batch: `slots` per query (1 before the first step, then up to num_beams)."""
+
+    seq: Tensor  # [Q, slots, t] pool rows picked so far
+    logp: Tensor  # [Q, slots] summed log-probs (-inf: no such sequence, tiny pools)
+    prob: Tensor  # [Q, slots] summed probabilities
+    state: Tensor  # [Q * slots, h]
+
+    @classmethod
+    def start(cls, state0: Tensor) -> _Beams:
+        Q, dev = len(state0), state0.device
+        return cls(seq=torch.empty(Q, 1, 0, dtype=torch.long, device=dev), logp=torch.zeros(Q, 1, device=dev),
+                   prob=torch.zeros(Q, 1, device=dev), state=state0)
+
+    def candidates(self, i: int) -> list[Candidate]:
+        """Query i's beams in rank order; impossible ones (-inf) are left out."""
+        return [
+            Candidate(tuple(self.seq[i, b].tolist()), "beam", beam_rank=b, beam_score=float(self.prob[i, b]),
+                      logprob_score=float(self.logp[i, b]))
+            for b in range(self.seq.shape[1])
+            if math.isfinite(float(self.logp[i, b]))
+        ]
+
+
+@dataclass
+class _Samples:
+    """Samples of a batch: S = len(temps) x n per query, ordered (temperature, sample)."""
+
+    seq: Tensor  # [Q, S, t]
+    logp: Tensor  # [Q, S] summed tempered log-probs
+    state: Tensor  # [Q * S, h] (not divided by T)
+    temp: Tensor  # [Q * S] temperature of each sample row
+
+    @classmethod
+    def start(cls, state0: Tensor, temps: tuple[float, ...], n: int) -> _Samples:
+        Q, S, dev = len(state0), len(temps) * n, state0.device
+        return cls(seq=torch.empty(Q, S, 0, dtype=torch.long, device=dev), logp=torch.zeros(Q, S, device=dev),
+                   state=state0.repeat_interleave(S, dim=0),
+                   temp=torch.tensor(temps, device=dev).repeat_interleave(n).repeat(Q))
+
+    def candidates(self, i: int, temps: tuple[float, ...], n: int) -> list[Candidate]:
+        return [
+            Candidate(tuple(self.seq[i, j].tolist()), "sample", logprob_score=float(self.logp[i, j]),
+                      temperature=temps[j // n])
+            for j in range(self.seq.shape[1])
+        ]
 
 
 class Proposer:
@@ -217,112 +279,112 @@ class Proposer:
         return sorted(rows)
 
     def _search(self, ids: list[int], banned: list[list[int]], uniforms: Tensor):
-        """Beam search and temperature sampling together, one streaming pool scan per step.
+        """Beam search and temperature sampling together: one streaming pool scan per step.
 
-        A "row" is a state whose next-pick distribution is needed, pre-divided by its temperature
-        (logits are linear in the state, so state / T gives logits / T without a pass over the
-        logits). At step 0 all methods start from the query's state: one row per query and
-        distinct temperature (1 for the beams, each T of `temps`); each T row starts
-        `num_samples_per_temp` samples. Later: Q x slots beam rows, then Q x S sample rows, each
-        with its own gated state.
+        Each step scores a set of "rows" (`_StepRows`): states whose next-pick distribution is
+        needed, already divided by their temperature (logits are linear in the state, so this
+        costs nothing over the [rows, K] logits).
         """
-        s, model, pool, dev = self.settings, self.model, self.pool, self.device
-        Q, B, S, n = len(ids), s.num_beams, s.samples_per_query, s.num_samples_per_temp
-        if B == 0 and S == 0:
+        s, dev = self.settings, self.device
+        Q = len(ids)
+        if s.num_beams == 0 and s.samples_per_query == 0:
             return [[] for _ in ids], [[] for _ in ids]
         qidx = torch.tensor(ids, device=dev)
         base = _pad_rows(banned, self.pool_size).to(dev)  # [Q, nb], padded with K (never inside a tile)
-        uniforms = uniforms.to(dev)
-        state0 = model.encode_queries(self.query_emb[qidx].to(dev, torch.float32), pool, exclude=qidx)
-        temps0 = list(dict.fromkeys(([1.0] if B else []) + (list(s.temps) if S else [])))  # distinct, in order
-        sample_temp = torch.tensor(s.temps, device=dev).repeat_interleave(n).repeat(Q)  # [Q*S] per sample row
-
-        slots = 1  # beam slots per query: 1 before the first step
-        beam_seq = torch.empty(Q, 1, 0, dtype=torch.long, device=dev)
-        beam_logp = torch.zeros(Q, 1, device=dev)
-        beam_prob = torch.zeros(Q, 1, device=dev)
-        beam_state = state0 if B else state0[:0]
-        sample_seq = torch.empty(Q, S, 0, dtype=torch.long, device=dev)
-        sample_logp = torch.zeros(Q, S, device=dev)
-        sample_state = state0.repeat_interleave(S, dim=0)
-
+        state0 = self.model.encode_queries(self.query_emb[ids].to(dev, torch.float32), self.pool, exclude=qidx)
+        beams = _Beams.start(state0) if s.num_beams else None
+        samples = _Samples.start(state0, s.temps, s.num_samples_per_temp) if s.samples_per_query else None
         for t in range(s.shot_num):
-            if t == 0:  # row j * Q + q: query q at temperature temps0[j]; beams use j = 0 (T = 1)
-                rows = torch.cat([state0 / temp for temp in temps0])
-                row_banned = base.repeat(len(temps0), 1)
-                beam_rows = Q if B else 0
-                first_row = torch.tensor([temps0.index(temp) * Q for temp in s.temps], device=dev)
-                draw_rows = (torch.arange(Q, device=dev).unsqueeze(1) + first_row).flatten()  # (q, T) order
-                draws = uniforms[:, :, 0].reshape(Q * len(s.temps), n) if S else uniforms.new_empty(0, 1)
-            else:
-                beam_banned = (torch.cat([base.repeat_interleave(slots, 0), beam_seq.flatten(0, 1)], dim=1)
-                               if B else base[:0])
-                sample_banned = torch.cat([base.repeat_interleave(S, 0), sample_seq.flatten(0, 1)], dim=1)
-                rows = torch.cat([beam_state, sample_state / sample_temp.unsqueeze(1)])
-                row_banned = _cat_padded(beam_banned, sample_banned, self.pool_size)
-                beam_rows = len(beam_state)
-                draw_rows = len(beam_state) + torch.arange(Q * S, device=dev)
-                draws = uniforms[:, :, t].reshape(Q * S, 1)
-            scan = self._scan_pool(rows, row_banned, beam_rows, B)
-            last = t == s.shot_num - 1
-            if B:
-                beam_seq, beam_logp, beam_prob, beam_state, slots = self._beam_step(
-                    scan, rows, beam_seq, beam_logp, beam_prob, Q, slots, advance=not last)
-            if S:
-                picks, logp = self._draw(rows, row_banned, draw_rows, scan.tile_lse, draws)
-                picks, logp = picks.reshape(Q, S), logp.reshape(Q, S)  # same (T, sample) order at every step
-                sample_seq = torch.cat([sample_seq, picks.unsqueeze(2)], dim=2)
-                sample_logp = sample_logp + logp
-                if not last:
-                    sample_state = model.advance(sample_state, picks.flatten(), pool)
-
+            step = self._first_rows(state0, base) if t == 0 else self._later_rows(beams, samples, base)
+            scan = self._scan_pool(step.rows, step.banned, step.beam_rows, s.num_beams)
+            advance = t < s.shot_num - 1
+            if beams is not None:
+                beams = self._beam_step(scan, step.rows, beams, advance)
+            if samples is not None:
+                draws = uniforms[:, :, t].to(dev).reshape(len(step.draw_rows), -1)
+                samples = self._sample_step(scan, step, samples, draws, advance)
         return (
-            [_beam_candidates(beam_seq[i], beam_logp[i], beam_prob[i]) for i in range(Q)] if B else [[] for _ in ids],
-            [_sample_candidates(sample_seq[i], sample_logp[i], s.temps, n) for i in range(Q)],
+            [beams.candidates(i) for i in range(Q)] if beams is not None else [[] for _ in ids],
+            [samples.candidates(i, s.temps, s.num_samples_per_temp) for i in range(Q)] if samples is not None
+            else [[] for _ in ids],
         )
+
+    def _first_rows(self, state0: Tensor, base: Tensor) -> _StepRows:
+        """Step 0: every method starts from the query's state; row j * Q + q is query q at temps0[j].
+
+        temps0 = the distinct temperatures needed (1 first when there are beams, then `temps`),
+        so the beams read rows [0, Q) and each temperature's samples share one row per query.
+        """
+        s, Q = self.settings, len(state0)
+        temps0 = list(dict.fromkeys(([1.0] if s.num_beams else []) + (list(s.temps) if s.samples_per_query else [])))
+        first_row = torch.tensor([temps0.index(temp) * Q for temp in s.temps], device=state0.device)
+        return _StepRows(
+            rows=torch.cat([state0 / temp for temp in temps0]),
+            banned=base.repeat(len(temps0), 1),
+            beam_rows=Q if s.num_beams else 0,
+            draw_rows=(torch.arange(Q, device=state0.device).unsqueeze(1) + first_row).flatten(),  # (q, T) order
+        )
+
+    def _later_rows(self, beams: _Beams | None, samples: _Samples | None, base: Tensor) -> _StepRows:
+        """Later steps: the beams' rows (query-major, T = 1), then one row per sample (at its T)."""
+        rows, banned = [], []
+        if beams is not None:
+            rows.append(beams.state)
+            banned.append(_with_picks(base, beams.seq))
+        if samples is not None:
+            rows.append(samples.state / samples.temp.unsqueeze(1))
+            banned.append(_with_picks(base, samples.seq))
+        nb = len(beams.state) if beams is not None else 0
+        all_rows = torch.cat(rows)
+        return _StepRows(rows=all_rows, banned=_cat_padded(banned, self.pool_size), beam_rows=nb,
+                         draw_rows=torch.arange(nb, len(all_rows), device=base.device))
 
     def _scan_pool(self, rows: Tensor, banned: Tensor, beam_rows: int, k: int) -> _Scan:
         """One pass over the pool in tiles: per-tile log-sum-exp of every row, top-k of the first `beam_rows`."""
         K = self.pool_size
-        tile_lse, top_values, top_indices = [], [], []
+        tile_lse = []
+        top = _RunningTopK(beam_rows, min(k, K), rows.device)
         for start in range(0, K, SCAN_CHUNK):
             stop = min(start + SCAN_CHUNK, K)
             logits = self.model.step_logits(rows, self.pool, rows=slice(start, stop))  # [R, c]
             _mask_tile(logits, banned, start)
             if beam_rows:
-                values, local = logits[:beam_rows].topk(min(k, stop - start), dim=1)
-                top_values.append(values)
-                top_indices.append(local + start)
+                top.update(logits[:beam_rows], start)
             tile_lse.append(torch.logsumexp(logits, dim=1))
-        if top_values:
-            values, which = torch.cat(top_values, dim=1).topk(min(k, K), dim=1)
-            indices = torch.cat(top_indices, dim=1).gather(1, which)
-        else:
-            values = indices = torch.empty(0, k, device=rows.device)
-        return _Scan(tile_lse=torch.stack(tile_lse, dim=1), top_values=values, top_indices=indices.long())
+        return _Scan(tile_lse=torch.stack(tile_lse, dim=1), top_values=top.values, top_indices=top.indices)
 
-    def _beam_step(self, scan: _Scan, rows: Tensor, seq: Tensor, logp: Tensor, prob: Tensor,
-                   Q: int, slots: int, advance: bool):
+    def _beam_step(self, scan: _Scan, rows: Tensor, beams: _Beams, advance: bool) -> _Beams:
         """Extend every beam by its best rows, keep the best `num_beams` per query (top-k over beams x k).
 
         The beams' rows are the first Q x slots rows of the step (query-major), at T = 1.
         """
+        Q, slots = beams.logp.shape
         lse = torch.logsumexp(scan.tile_lse[: Q * slots], dim=1, keepdim=True)  # [Q*slots, 1]
         step_logp = scan.top_values - lse  # [Q*slots, k]
         k = step_logp.shape[1]
-        total = (logp.reshape(-1, 1) + step_logp).reshape(Q, slots * k)
+        total = (beams.logp.reshape(-1, 1) + step_logp).reshape(Q, slots * k)
         total.masked_fill_(total.isnan(), float("-inf"))  # a dead slot whose row has nothing left
         best, flat = total.topk(min(self.settings.num_beams, slots * k), dim=1)
         parent = flat // k  # [Q, B'] slot of the extended beam
         picked = scan.top_indices.reshape(Q, slots * k).gather(1, flat)
         step_prob = step_logp.reshape(Q, slots * k).gather(1, flat).exp()
-        new_seq = torch.cat([seq.gather(1, parent.unsqueeze(2).expand(-1, -1, seq.shape[2])), picked.unsqueeze(2)], 2)
-        new_prob = prob.gather(1, parent) + step_prob
-        new_states = None
-        if advance:  # beam rows are unscaled (T = 1) states
+        seq = beams.seq.gather(1, parent.unsqueeze(2).expand(-1, -1, beams.seq.shape[2]))
+        state = beams.state
+        if advance:
             parent_rows = (parent + torch.arange(Q, device=parent.device).unsqueeze(1) * slots).flatten()
-            new_states = self.model.advance(rows[parent_rows], picked.flatten(), self.pool)
-        return new_seq, best, new_prob, new_states, best.shape[1]
+            state = self.model.advance(rows[parent_rows], picked.flatten(), self.pool)
+        return _Beams(seq=torch.cat([seq, picked.unsqueeze(2)], dim=2), logp=best,
+                      prob=beams.prob.gather(1, parent) + step_prob, state=state)
+
+    def _sample_step(self, scan: _Scan, step: _StepRows, samples: _Samples, uniforms: Tensor,
+                     advance: bool) -> _Samples:
+        """One more pick for every sample, drawn with the given uniforms [draw rows, picks per row]."""
+        Q, S = samples.logp.shape
+        picks, logp = self._draw(step.rows, step.banned, step.draw_rows, scan.tile_lse, uniforms)
+        picks, logp = picks.reshape(Q, S), logp.reshape(Q, S)  # same (T, sample) order at every step
+        state = self.model.advance(samples.state, picks.flatten(), self.pool) if advance else samples.state
+        return _Samples(seq=torch.cat([samples.seq, picks.unsqueeze(2)], dim=2), logp=samples.logp + logp,
+                        state=state, temp=samples.temp)
 
     def _draw(self, rows: Tensor, banned: Tensor, draw_rows: Tensor, tile_lse: Tensor,
               uniforms: Tensor) -> tuple[Tensor, Tensor]:
@@ -378,6 +440,28 @@ class Proposer:
 # -- helpers ---------------------------------------------------------------------------------
 
 
+class _RunningTopK:
+    """The k largest values (and pool rows) of each row seen so far, updated tile by tile.
+
+    A tile can only contribute if its row maximum beats the row's current k-th value; after the
+    first tiles that is rare, so most tiles cost one max instead of a top-k.
+    """
+
+    def __init__(self, n: int, k: int, device: torch.device):
+        self.k = k
+        self.values = torch.full((n, k), float("-inf"), device=device)
+        self.indices = torch.zeros((n, k), dtype=torch.long, device=device)
+
+    def update(self, logits: Tensor, start: int) -> None:
+        hit = (logits.amax(dim=1) > self.values[:, -1]).nonzero().squeeze(1)
+        if len(hit) == 0:
+            return
+        values, local = logits[hit].topk(min(self.k, logits.shape[1]), dim=1)
+        merged, which = torch.cat([self.values[hit], values], dim=1).topk(self.k, dim=1)
+        self.values[hit] = merged
+        self.indices[hit] = torch.cat([self.indices[hit], local + start], dim=1).gather(1, which)
+
+
 class _ImageGroups:
     """Which pool rows share an image, for `exclude_same_image`."""
 
@@ -408,12 +492,15 @@ def _pad_rows(rows: list[list[int]], pad: int) -> Tensor:
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def _cat_padded(a: Tensor, b: Tensor, pad: int) -> Tensor:
-    """Stack two [*, n] banned-row tensors of possibly different widths."""
-    width = max(a.shape[1], b.shape[1])
-    a = F.pad(a, (0, width - a.shape[1]), value=pad)
-    b = F.pad(b, (0, width - b.shape[1]), value=pad)
-    return torch.cat([a, b])
+def _with_picks(base: Tensor, seq: Tensor) -> Tensor:
+    """Banned rows [Q * n, nb + t] of n partial sequences per query: the query's own, then the picks."""
+    return torch.cat([base.repeat_interleave(seq.shape[1], dim=0), seq.flatten(0, 1)], dim=1)
+
+
+def _cat_padded(parts: list[Tensor], pad: int) -> Tensor:
+    """Stack [*, n_i] banned-row tensors of different widths, padding with `pad`."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad) for p in parts])
 
 
 def _mask_tile(logits: Tensor, banned: Tensor, start: int) -> None:
@@ -440,22 +527,6 @@ def _random_sequence(generator: torch.Generator, banned: list[int], pool_size: i
             r += 1
         picked.append(r)
     return tuple(picked)
-
-
-def _beam_candidates(seq: Tensor, logp: Tensor, prob: Tensor) -> list[Candidate]:
-    """Beams of one query in rank order; impossible ones (-inf, tiny pools) are left out."""
-    return [
-        Candidate(tuple(seq[b].tolist()), "beam", beam_rank=b, beam_score=float(prob[b]), logprob_score=float(logp[b]))
-        for b in range(seq.shape[0])
-        if math.isfinite(float(logp[b]))
-    ]
-
-
-def _sample_candidates(seq: Tensor, logp: Tensor, temps: tuple[float, ...], n: int) -> list[Candidate]:
-    return [
-        Candidate(tuple(seq[i].tolist()), "sample", logprob_score=float(logp[i]), temperature=temps[i // n])
-        for i in range(seq.shape[0])
-    ]
 
 
 def _deduplicate(query_idx: int, groups: list[list[Candidate]]) -> QueryProposals:
