@@ -97,11 +97,16 @@ def test_qwen_backend_equals_generic_backend_and_processor(model_dir, qwen, prom
         assert torch.equal(ours[key].long(), reference[key].long()), key
 
 
-def test_qwen_with_pixels_instead_of_cached_features(model_dir, prompts, qwen_answers):
+@pytest.mark.parametrize(("precompute_vision", "share_prefill"), [(False, False), (True, False), (False, True)])
+def test_qwen_shortcuts_change_no_answer(model_dir, prompts, qwen_answers, precompute_vision, share_prefill):
+    """Cached vision features and one prefill shared by the beams (both on by default) change nothing."""
+    assert qwen_answers
     backend = load_backend("qwen2.5_vl_3B", model_path=str(model_dir), config=CONFIG)
-    backend.precompute_vision = False
+    assert backend.precompute_vision and backend.share_prefill
+    backend.precompute_vision, backend.share_prefill = precompute_vision, share_prefill
     backend.image_cache.max_bytes = 0  # nothing kept: every prompt re-reads its images
     assert backend.generate(prompts) == qwen_answers
+    assert backend.describe()["share_prefill"] == share_prefill
 
 
 def test_each_distinct_image_is_prepared_once(model_dir, prompts):

@@ -87,6 +87,12 @@ class ImageCache(Generic[T]):
         self._store(path, value)
         return value
 
+    def clear(self) -> None:
+        """Forget every entry and failure (counters too), e.g. between benchmark repeats."""
+        self._entries.clear()
+        self._failures.clear()
+        self.bytes = self.hits = self.misses = 0
+
     def __contains__(self, path: Path) -> bool:
         return Path(path) in self._entries
 
