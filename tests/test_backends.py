@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from lever_lm.demo.dataset import Split
 from lever_lm.errors import InputError
@@ -122,14 +123,18 @@ def test_each_distinct_image_is_prepared_once(model_dir, prompts):
 def test_an_unreadable_image_fails_only_its_prompt(qwen, prompts, qwen_answers, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
+    sliver = tmp_path / "sliver.png"
+    Image.new("RGB", (1, 300)).save(sliver)  # the image processor rejects aspect ratios over 200
     bad = [
         FewShotPrompt(prompts[1].shots, Shot(broken, "What?")),
         FewShotPrompt((Shot(tmp_path / "missing.jpg", "Q?", "A"),), prompts[2].query),
+        FewShotPrompt((), Shot(sliver, "What?")),
     ]
-    out = qwen.generate([prompts[0], bad[0], prompts[3], bad[1]])
+    out = qwen.generate([prompts[0], bad[0], prompts[3], bad[1], bad[2]])
     assert out[0] == qwen_answers[0] and out[2] == qwen_answers[3]
     assert out[1].raw == out[1].answer == "" and "broken.jpg: cannot read image" in out[1].error
     assert "missing.jpg: image file not found" in out[3].error
+    assert out[4].error.startswith("preparing the prompt failed: ValueError")
 
 
 def test_a_failed_generation_fails_only_its_prompt(qwen, prompts, qwen_answers, monkeypatch):
@@ -199,3 +204,14 @@ def test_model_path_from_the_local_hf_cache(tmp_path, model_dir):
     (repo / "refs" / "main").write_text("0" * 40)
     assert resolve_model_path(None, cache_dir=tmp_path) == snapshot
     assert resolve_model_path("/explicit", cache_dir=tmp_path) == Path("/explicit")
+
+
+def test_processor_kwargs_reach_the_image_processor(model_dir, prompts):
+    """E.g. Qwen's min/max pixels: 112x112 px is 8x8 patches of 14 px, merged 2x2 into 16 image tokens."""
+    config = {"vqa_model": {"processor_kwargs": {"size": {"shortest_edge": 112 * 112, "longest_edge": 112 * 112}}}}
+    qwen = load_backend("qwen2.5_vl_3B", model_path=str(model_dir), config=config)
+    assert qwen.image_cache.get(prompts[0].query.image).num_tokens == 16
+    generic = load_backend("hf_image_text_to_text", model_path=str(model_dir), config=config)
+    inputs = generic._encode([generic._prepare(prompts[0])])
+    assert int((inputs["input_ids"] == qwen.image_token_id).sum()) == 16 * len(prompts[0].images)
+    assert torch.equal(inputs["input_ids"].cpu(), qwen._encode([qwen._prepare(prompts[0])])["input_ids"].cpu())

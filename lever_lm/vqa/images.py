@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from lever_lm.data.vqa import read_rgb_image
+from lever_lm.errors import InputError
 
 T = TypeVar("T")
 
@@ -28,14 +31,11 @@ class UnreadableImage(Exception):
 
 
 def read_rgb(path: Path) -> Image.Image:
-    """Decode the whole file now (a truncated JPEG fails here, not inside the model) as RGB."""
+    """The data set's reader (whole file decoded now, as RGB); its InputError becomes a per-prompt failure."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise UnreadableImage(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UnreadableImage(f"{path}: cannot read image: {error}") from None
+        return read_rgb_image(path)
+    except InputError as error:
+        raise UnreadableImage(str(error)) from None
 
 
 def nbytes(value: object) -> int:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from lever_lm.data.vqa import load_annotations, read_json_object
 from lever_lm.errors import InputError, exit_on_input_error
 
 MODES = ("always", "official")
@@ -225,62 +226,40 @@ def _grouped_percent(rows: list[tuple[float, str, str]], column: int) -> dict[st
     return {name: _percent(values) for name, values in groups.items()}
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(path, f"not valid JSON: {error}") from None
-
-
-def _records(path: Path, key: str) -> list[dict]:
-    data = _read_json(path)
-    records = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-        raise InputError(path, f"expected a JSON object with a '{key}' list of objects (official VQA format)")
-    return records
-
-
-def _int_id(record: dict, path: Path) -> int:
-    question_id = record.get("question_id")
-    if not isinstance(question_id, int) or isinstance(question_id, bool):
-        raise InputError(path, f"entry without an integer 'question_id': {str(record)[:200]}")
-    return question_id
-
-
 def _question_ids(path: Path) -> set[int]:
-    return {_int_id(record, path) for record in _records(path, "questions")}
+    questions = read_json_object(path).get("questions")
+    if not isinstance(questions, list) or not all(isinstance(q, dict) for q in questions):
+        raise InputError(path, "missing the 'questions' list of objects (is this an official VQA questions file?)")
+    return {q.get("question_id") for q in questions}
 
 
 def _annotations(path: Path) -> dict[int, tuple[list[str], str, str]]:
     """question_id -> (raw human answers, answer type, question type)."""
     out = {}
-    for record in _records(path, "annotations"):
-        question_id = _int_id(record, path)
+    for question_id, record in load_annotations(path).items():
         answers = record.get("answers")
-        if not isinstance(answers, list) or not answers:
-            raise InputError(path, f"question_id {question_id} has no 'answers' list")
-        texts = [a.get("answer") if isinstance(a, dict) else None for a in answers]
-        if not all(isinstance(text, str) for text in texts):
-            raise InputError(path, f"question_id {question_id} has an answer without 'answer' text")
+        texts = [a.get("answer") if isinstance(a, dict) else None for a in answers] if isinstance(answers, list) else []
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise InputError(path, f"question_id {question_id} lacks a list of answers with 'answer' texts")
         out[question_id] = (texts, str(record.get("answer_type")), str(record.get("question_type")))
     return out
 
 
 def _results(path: Path) -> list[tuple[int, str]]:
-    data = _read_json(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(path, f"not valid JSON: {error}") from None
     if not isinstance(data, list):
         raise InputError(path, 'expected a JSON list of {"question_id": int, "answer": str} objects')
     results, seen = [], set()
     for record in data:
-        if not isinstance(record, dict):
-            raise InputError(path, f"every result must be an object, found {type(record).__name__}")
-        question_id = _int_id(record, path)
-        answer = record.get("answer")
-        if not isinstance(answer, str):
-            raise InputError(path, f"question_id {question_id} has no string 'answer'")
+        question_id = record.get("question_id") if isinstance(record, dict) else None
+        answer = record.get("answer") if isinstance(record, dict) else None
+        if not isinstance(question_id, int) or isinstance(question_id, bool) or not isinstance(answer, str):
+            raise InputError(path, f'every result must be {{"question_id": int, "answer": str}}, found {str(record)[:200]}')
         if question_id in seen:
             raise InputError(path, f"question_id {question_id} is answered twice")
         seen.add(question_id)

@@ -30,6 +30,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from lever_lm.config import config_section
 from lever_lm.errors import InputError
 from lever_lm.vqa.prompts import PromptTemplate
 
@@ -126,14 +127,7 @@ def resolve_settings(
 
 
 def _section(config: dict | None) -> dict:
-    if config is None:
-        return {}
-    section = config.get(SECTION)
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise InputError(None, f"config section '{SECTION}' must be a mapping, found {type(section).__name__}")
-    return section
+    return {} if config is None else config_section(config, SECTION)
 
 
 def _optional_str(section: dict, key: str) -> str | None:

@@ -101,6 +101,8 @@ class ImageTextToTextBackend:
                 ready.append((i, self._prepare(prompts[i])))
             except UnreadableImage as error:
                 results[i] = Generation.failed(str(error))
+            except Exception as error:  # noqa: BLE001 -- e.g. an image the processor rejects: this prompt only
+                results[i] = Generation.failed(f"preparing the prompt failed: {type(error).__name__}: {error}")
         if not ready:
             return
         outcomes = run_with_retry([prepared for _, prepared in ready], self._generate_texts, self.device)
