@@ -1,0 +1,130 @@
+"""The DVC pipeline on the embedded demo, in a temporary git repo built from the project.
+
+Settings are shrunk (8 queries, 2 beams, ...) so the whole module takes about a minute or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_PARAMS = {
+    "num_beams": 2,
+    "temps": [1.0],
+    "num_samples_per_temp": 1,
+    "num_random": 1,
+    "demo": {"beam_queries": 8},
+    "sft": {"epochs": 5},
+}
+
+
+def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(repo, sys.executable, "-m", "dvc", *args, check=check)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git repo holding the project's tracked files, small params, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("pipeline")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for name in filter(None, tracked.stdout.split("\0")):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in SMALL_PARAMS.items():
+        params[key] = {**params[key], **value} if isinstance(value, dict) else value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(repo, "git", "init", "-q")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
+    dvc(repo, "repro")
+    return repo
+
+
+def test_repro_builds_everything_and_a_second_repro_is_a_no_op(repo: Path):
+    data = json.loads((repo / "data/rl/rl_data.json").read_text())
+    assert len(data) == 8
+    metrics = json.loads((repo / "data/rl/metrics.json").read_text())
+    assert metrics["queries"] == 8 and metrics["candidates"] > 0
+    assert (repo / "data/rl/plots/group_reward_std.png").is_file()
+    again = dvc(repo, "repro")
+    assert "Running stage" not in again.stdout
+    assert "up to date" in again.stdout
+    assert dvc(repo, "config", "core.analytics").stdout.strip() == "false"
+
+
+def test_exp_run_with_other_temperatures(repo: Path):
+    dvc(repo, "exp", "run", "-S", "temps=[0.7,1.0,1.3]")
+    data = json.loads((repo / "data/rl/rl_data.json").read_text())
+    temperatures = {c["temperature"] for e in data.values() for c in e["pointer_candidates"] if c["gen_method"] == "sample"}
+    assert 0.7 in temperatures and 1.3 in temperatures
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
+    runs = [run["data"] for exp in experiments for run in exp.get("revs", [])]
+    assert any(r["params"]["params.yaml"]["data"]["temps"] == [0.7, 1.0, 1.3] for r in runs)
+    assert any("share_non_flat_groups" in r["metrics"]["data/rl/metrics.json"]["data"] for r in runs)
+
+
+def test_an_interrupted_generation_resumes_under_repro(repo: Path):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["seed"] = 7  # new settings: a new journal, nothing done yet
+    params["batch_size"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    journal_root = repo / "data/rl/rl_data.json.journal"
+    lines, deadline = 0, time.time() + 180
+    while time.time() < deadline and process.poll() is None and lines < 2:
+        lines = _journaled(journal_root, seed=7)
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 2 <= lines < 8, "the kill should land mid-generation"
+    resumed = dvc(repo, "repro")
+    done_before = int(re.search(r"(\d+) of 8 queries already done", resumed.stdout + resumed.stderr).group(1))
+    assert done_before >= lines
+    data = json.loads((repo / "data/rl/rl_data.json").read_text())
+    assert len(data) == 8
+
+
+def _journaled(journal_root: Path, seed: int) -> int:
+    """Lines in the journal of the run with this seed (0 until it exists)."""
+    for settings in journal_root.glob("*/settings.json"):
+        journal = settings.with_name("shard-0-of-1.jsonl")
+        if json.loads(settings.read_text())["proposal"]["seed"] == seed and journal.exists():
+            return journal.read_bytes().count(b"\n")
+    return 0
+
+
+def test_validation_stage_fails_on_a_corrupted_rl_file(repo: Path):
+    path = repo / "data/rl/rl_data.json"
+    data = json.loads(path.read_text())
+    first = next(iter(data))
+    data[first]["pointer_candidates"][0]["pointer"][0] = int(first)  # the query in its own prompt
+    path.write_text(json.dumps(data))
+    result = dvc(repo, "repro", "--single-item", "validate", check=False)
+    assert result.returncode != 0
+    assert "contains the query itself" in result.stdout + result.stderr
