@@ -33,3 +33,9 @@ def exit_on_input_error() -> Iterator[None]:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_INPUT_ERROR) from None
+
+
+def short_error(error: BaseException) -> str:
+    """`Type: first line of the message`, for one-line InputError texts about a library failure."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

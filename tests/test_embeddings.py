@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lever_lm.data.embeddings import atomic_output, check_embedding_pair, load_embeddings, save_embeddings
+from lever_lm.data.embeddings import check_embedding_pair, load_embeddings, save_embeddings
+from lever_lm.io import atomic_output
 from lever_lm.errors import InputError
 
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lever_lm.data.embeddings import atomic_output
+from lever_lm.io import atomic_output
 from lever_lm.errors import InputError
 
 

@@ -8,17 +8,13 @@ same directory, then `os.replace`), so a crash never leaves a half-written .pt f
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lever_lm.errors import InputError
+from lever_lm.errors import InputError, short_error
+from lever_lm.io import atomic_torch_save
 
 
 def load_embeddings(path: str | Path, num_items: int | None = None) -> Tensor:
@@ -60,38 +56,3 @@ def save_embeddings(tensor: Tensor, path: str | Path) -> None:
     if tensor.ndim != 2:
         raise ValueError(f"embeddings must be [N, d], got shape {list(tensor.shape)}")
     atomic_torch_save(tensor.detach().to("cpu", torch.float32).contiguous(), path)
-
-
-def atomic_torch_save(obj: object, path: str | Path) -> None:
-    """`torch.save` atomically and byte-reproducibly.
-
-    Saving to a buffer first keeps the archive's internal name fixed ("archive"); saved straight to
-    the temporary file it would embed that file's random name, so equal tensors would give
-    different bytes (and different DVC hashes) on every run.
-    """
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary readable files
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def short_error(error: BaseException) -> str:
-    """`Type: first line of the message`, for one-line InputError texts about a library failure."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

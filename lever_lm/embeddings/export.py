@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import AutoConfig, CLIPModel
 
-from lever_lm.data.embeddings import short_error
+from lever_lm.errors import short_error
 from lever_lm.data.vqa import VQADataset, read_rgb_image
 from lever_lm.errors import InputError
 from lever_lm.vqa.backends.processor import load_processor

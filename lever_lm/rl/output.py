@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from lever_lm.data.embeddings import atomic_output
+from lever_lm.io import atomic_output
 from lever_lm.errors import InputError
 from lever_lm.rl.journal import index_records, read_record_at
 

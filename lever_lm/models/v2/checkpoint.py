@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lever_lm.data.embeddings import atomic_torch_save, short_error
+from lever_lm.errors import short_error
+from lever_lm.io import atomic_torch_save
 from lever_lm.errors import InputError
 from lever_lm.models.v2.pointer_selector import PointerSelectorV2
 
