@@ -100,7 +100,9 @@ def main() -> None:
     n = args.questions * args.candidates
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
           f"{args.questions} questions x {args.candidates} candidates = {n} candidates")  # fmt: skip
-    naive_s, naive = timed("naive (official loop)", n, lambda: [naive_score(p, gt) for gt, preds in work for p in preds])
+    naive_s, naive = timed(
+        "naive (official loop)", n, lambda: [naive_score(p, gt) for gt, preds in work for p in preds]
+    )
     normalize_answer.cache_clear()
     fast_s, fast = timed("prepared", n, lambda: prepared_scores(work))
     distinct = [(gt, [f"{p} {q}x{i}" for i, p in enumerate(preds)]) for q, (gt, preds) in enumerate(work)]

@@ -42,7 +42,9 @@ from lever_lm.vqa.prompts import FewShotPrompt, Shot
 def split_items(split: Split) -> list[dict]:
     """Questions joined with their answers: image path, question, ICD answer, the raw answers."""
     questions = json.loads(split.questions_path.read_text(encoding="utf-8"))["questions"]
-    annotations = {a["question_id"]: a for a in json.loads(split.annotations_path.read_text(encoding="utf-8"))["annotations"]}
+    annotations = {
+        a["question_id"]: a for a in json.loads(split.annotations_path.read_text(encoding="utf-8"))["annotations"]
+    }
     items = []
     for q in sorted(questions, key=lambda q: q["question_id"]):
         annotation = annotations[q["question_id"]]
@@ -55,7 +57,9 @@ def split_items(split: Split) -> list[dict]:
     return items
 
 
-def candidates(items: list[dict], queries: int, per_query: int, shots: int, seed: int) -> list[tuple[int, FewShotPrompt]]:
+def candidates(
+    items: list[dict], queries: int, per_query: int, shots: int, seed: int
+) -> list[tuple[int, FewShotPrompt]]:
     """(query row, prompt) for `per_query` candidates of each of `queries` queries."""
     rng = random.Random(seed)
     out = []
@@ -68,7 +72,9 @@ def candidates(items: list[dict], queries: int, per_query: int, shots: int, seed
     return out
 
 
-def score_all(backend, work: list[tuple[int, FewShotPrompt]], items: list[dict]) -> tuple[float, list[tuple[str, float]]]:
+def score_all(
+    backend, work: list[tuple[int, FewShotPrompt]], items: list[dict]
+) -> tuple[float, list[tuple[str, float]]]:
     """Seconds to score every candidate end to end, and each candidate's (raw generation, accuracy)."""
     start = time.perf_counter()
     generations = backend.generate([prompt for _, prompt in work])
@@ -135,7 +141,8 @@ def run(demo: Path, args) -> None:
         best = min(times)
         spread = ", ".join(f"{t:.2f}" for t in times)
         print(f"{label:34s} {best:8.2f} s  {len(work) / best:8.1f} candidates/s   (rounds: {spread} s)")
-    baseline_label, batched_label = list(ways)[0], list(ways)[-1]
+    labels = list(ways)
+    baseline_label, batched_label = labels[0], labels[-1]
     answers = [scored for _, scored in results.values()]
     same = all(a == answers[0] for a in answers)
     print(f"identical answers and scores in all three: {same}")

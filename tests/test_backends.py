@@ -19,7 +19,11 @@ from lever_lm.vqa.backends.qwen2_5_vl import HF_REPO_ID, resolve_model_path
 from lever_lm.vqa.prompts import FewShotPrompt, Shot
 
 # The demo tokenizer knows these words, which gives the random tiny model varied answers.
-CONFIG = {"vqa_model": {"system_prompt": "You are a helpful assistant. Answer the question about the image with a short answer."}}
+CONFIG = {
+    "vqa_model": {
+        "system_prompt": "You are a helpful assistant. Answer the question about the image with a short answer."
+    }
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -153,7 +157,9 @@ def test_a_failed_generation_fails_only_its_prompt(qwen, prompts, qwen_answers, 
 
 
 def test_config_overrides_reach_the_model_input(model_dir, prompts):
-    config = {"vqa_model": {"system_prompt": "Be brief.", "query_template": "Q={question} A=", "generation": {"num_beams": 1}}}
+    config = {
+        "vqa_model": {"system_prompt": "Be brief.", "query_template": "Q={question} A=", "generation": {"num_beams": 1}}
+    }
     backend = load_backend("hf_image_text_to_text", model_path=str(model_dir), config=config)
     text = backend._prepare(prompts[1]).text
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")

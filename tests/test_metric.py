@@ -139,7 +139,23 @@ def reference_accuracy(prediction: str, gt_answers: list[str], mode: str) -> flo
     return float(sum(accs)) / len(accs)
 
 
-WORDS = ["two", "2", "Two.", "a dog", "dog", "the dog", "hot-dog", "hot dog", "yes", "Yes!", "1,000", "1000", "dont", "don't", " red"]
+WORDS = [
+    "two",
+    "2",
+    "Two.",
+    "a dog",
+    "dog",
+    "the dog",
+    "hot-dog",
+    "hot dog",
+    "yes",
+    "Yes!",
+    "1,000",
+    "1000",
+    "dont",
+    "don't",
+    " red",
+]
 
 
 @pytest.mark.parametrize("mode", ["always", "official"])
@@ -172,7 +188,11 @@ def vqa_files(tmp_path):
              "answers": [{"answer": a, "answer_id": i} for i, a in enumerate(answers("green", 10))]},
         ]
     }  # fmt: skip
-    results = [{"question_id": 1, "answer": "two"}, {"question_id": 2, "answer": "red"}, {"question_id": 3, "answer": "pink"}]
+    results = [
+        {"question_id": 1, "answer": "two"},
+        {"question_id": 2, "answer": "red"},
+        {"question_id": 3, "answer": "pink"},
+    ]
     paths = {}
     for name, obj in (("q", questions), ("a", annotations), ("r", results)):
         paths[name] = tmp_path / f"{name}.json"
@@ -198,7 +218,9 @@ def test_command_official_mode(vqa_files):
 def test_command_rejects_unknown_question_and_missing_file(vqa_files, capsys):
     vqa_files["r"].write_text(json.dumps([{"question_id": 99, "answer": "x"}]), encoding="utf-8")
     with pytest.raises(SystemExit) as exit_info:
-        main(["--questions", str(vqa_files["q"]), "--annotations", str(vqa_files["a"]), "--results", str(vqa_files["r"])])
+        main(
+            ["--questions", str(vqa_files["q"]), "--annotations", str(vqa_files["a"]), "--results", str(vqa_files["r"])]
+        )
     assert exit_info.value.code == 2
     assert "question_id 99 is not in the questions file" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -40,7 +40,9 @@ def test_two_shot_chat_interleaves_images_and_texts_in_order():
 def test_zero_shot_and_no_system_prompt():
     prompt = FewShotPrompt(shots=(), query=Shot(Path("q.jpg"), "Why?"))
     messages = chat_messages(prompt, PromptTemplate(None, "{question}={answer}", "{question}"))
-    assert messages == [{"role": "user", "content": [{"type": "image", "image": "q.jpg"}, {"type": "text", "text": "Why?"}]}]
+    assert messages == [
+        {"role": "user", "content": [{"type": "image", "image": "q.jpg"}, {"type": "text", "text": "Why?"}]}
+    ]
 
 
 def test_flamingo_string_form():
@@ -85,7 +87,10 @@ def test_config_overrides_reach_the_prompt_and_flags_win():
     assert messages[1]["content"][1]["text"] == "Q: What color is it?\nA: red\n"
     assert messages[1]["content"][5]["text"] == "Q: What shape is it?\nA:"
     assert resolve_settings("chat", config, model_path="/flag").path == "/flag"
-    assert chat_messages(TWO_SHOT, resolve_settings("chat", {"vqa_model": {"system_prompt": None}}).prompt)[0]["role"] == "user"
+    assert (
+        chat_messages(TWO_SHOT, resolve_settings("chat", {"vqa_model": {"system_prompt": None}}).prompt)[0]["role"]
+        == "user"
+    )
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,9 @@ class ImageCache(Generic[T]):
     itself (e.g. out of memory) are not, since retrying later may succeed.
     """
 
-    def __init__(self, prepare: Callable[[Image.Image], T], max_bytes: int, read: Callable[[Path], Image.Image] = read_rgb):
+    def __init__(
+        self, prepare: Callable[[Image.Image], T], max_bytes: int, read: Callable[[Path], Image.Image] = read_rgb
+    ):
         self._prepare = prepare
         self._read = read
         self.max_bytes = max_bytes

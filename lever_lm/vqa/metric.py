@@ -259,7 +259,9 @@ def _results(path: Path) -> list[tuple[int, str]]:
         question_id = record.get("question_id") if isinstance(record, dict) else None
         answer = record.get("answer") if isinstance(record, dict) else None
         if not isinstance(question_id, int) or isinstance(question_id, bool) or not isinstance(answer, str):
-            raise InputError(path, f'every result must be {{"question_id": int, "answer": str}}, found {str(record)[:200]}')
+            raise InputError(
+                path, f'every result must be {{"question_id": int, "answer": str}}, found {str(record)[:200]}'
+            )
         if question_id in seen:
             raise InputError(path, f"question_id {question_id} is answered twice")
         seen.add(question_id)
@@ -282,7 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--questions", type=Path, required=True, help="official VQA questions JSON")
     parser.add_argument("--annotations", type=Path, required=True, help="official VQA annotations JSON")
-    parser.add_argument("--results", type=Path, required=True, help='results JSON: [{"question_id": int, "answer": str}]')
+    parser.add_argument(
+        "--results", type=Path, required=True, help='results JSON: [{"question_id": int, "answer": str}]'
+    )
     parser.add_argument(
         "--mode",
         choices=MODES,

@@ -92,7 +92,9 @@ def run_with_retry(items: list[T], run: Callable[[list[T]], list[str]], device: 
     except Exception as error:  # noqa: BLE001 -- any model failure must not stop the other candidates
         if len(items) == 1:
             return [error]
-        log.warning("a batch of %d prompts failed (%s: %s); retrying them one by one", len(items), type(error).__name__, error)
+        log.warning(
+            "a batch of %d prompts failed (%s: %s); retrying them one by one", len(items), type(error).__name__, error
+        )
     _release_memory(device)
     results: list[str | Exception] = []
     for item in items:

@@ -107,7 +107,11 @@ class ImageTextToTextBackend:
             return
         outcomes = run_with_retry([prepared for _, prepared in ready], self._generate_texts, self.device)
         for (i, _), outcome in zip(ready, outcomes):
-            results[i] = Generation.failed(failure_reason(outcome)) if isinstance(outcome, Exception) else Generation.from_raw(outcome)
+            results[i] = (
+                Generation.failed(failure_reason(outcome))
+                if isinstance(outcome, Exception)
+                else Generation.from_raw(outcome)
+            )
 
     def _prepare(self, prompt: FewShotPrompt) -> PreparedPrompt:
         messages = chat_messages(prompt, self.settings.prompt)
@@ -201,7 +205,9 @@ def load(
     """The generic backend for the model directory given by `model_path` or `vqa_model.path`."""
     settings = resolve_settings("chat", config, model_path=model_path, batch_size=batch_size)
     if settings.path is None:
-        raise InputError(None, f"--vqa_model {name} needs a model directory: set --vqa_model_path or vqa_model.path in --config")
+        raise InputError(
+            None, f"--vqa_model {name} needs a model directory: set --vqa_model_path or vqa_model.path in --config"
+        )
     torch_device = resolve_device(device)
     path = check_model_dir(Path(settings.path))
     model, processor = load_model_and_processor(path, torch_device, settings)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from lever_lm.errors import InputError
+from lever_lm.vqa.backends.base import resolve_device
 from lever_lm.vqa.backends.image_text_to_text import (
     ImageTextToTextBackend,
     PreparedPrompt,
@@ -43,7 +44,6 @@ from lever_lm.vqa.backends.image_text_to_text import (
     load_model_and_processor,
     model_type,
 )
-from lever_lm.vqa.backends.base import resolve_device
 from lever_lm.vqa.model_config import resolve_settings
 
 NAME = "qwen2.5_vl_3B"
@@ -99,7 +99,9 @@ class Qwen2_5_VLBackend(ImageTextToTextBackend):
         return self.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def _prepare_image(self, image) -> QwenImage:
-        processed = self.processor.image_processor(images=[image], return_tensors="pt", **self.settings.processor_kwargs)
+        processed = self.processor.image_processor(
+            images=[image], return_tensors="pt", **self.settings.processor_kwargs
+        )
         grid_thw = processed["image_grid_thw"]
         num_tokens = int(grid_thw.prod()) // self.merge_size**2
         if not self.precompute_vision:
