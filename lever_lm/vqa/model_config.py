@@ -14,7 +14,7 @@ optional; unknown keys are an error, to catch typos):
         num_beams: 3
         length_penalty: 0.0
         do_sample: false
-      batch_size: 16                         # prompts per generate call (the --vqa_batch_size flag wins)
+      batch_size: 16                         # prompts per generate call (the generator's --batch_size flag wins)
       image_cache_mb: 1024                   # per-image cache budget: Qwen2.5-VL keeps vision features on the
                                              #   model's device (~1.6 MB per COCO image for the 3B model); the
                                              #   generic backend keeps decoded images (0 = keep nothing)

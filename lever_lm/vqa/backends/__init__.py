@@ -12,7 +12,10 @@ Every backend offers `generate(prompts) -> list[Generation]` and `describe()` (s
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+from dataclasses import asdict
+from pathlib import Path
 
 from lever_lm.errors import InputError
 
@@ -44,3 +47,41 @@ def load_backend(
         raise InputError(None, f"unknown --vqa_model {name!r}; choose one of: {', '.join(BACKENDS)}")
     module = importlib.import_module(module_name)
     return module.load(name, model_path=model_path, device=device, config=config, batch_size=batch_size)
+
+
+def describe_settings(name: str, *, model_path: str | None, config: dict) -> dict:
+    """The VQA model's identity and prompt/decoding settings, without loading the model.
+
+    Device-dependent choices (dtype, batch size) are left out on purpose.
+    """
+    if name not in ("qwen2.5_vl_3B", "hf_image_text_to_text"):
+        load_backend(name, model_path=model_path, config=config)  # unknown or unsupported: its InputError
+    from lever_lm.vqa.backends.image_text_to_text import check_model_dir
+    from lever_lm.vqa.backends.qwen2_5_vl import resolve_model_path
+    from lever_lm.vqa.model_config import resolve_settings
+
+    settings = resolve_settings("chat", config, model_path=model_path)
+    if name == "qwen2.5_vl_3B":
+        path = resolve_model_path(settings.path)
+    elif settings.path:
+        path = Path(settings.path)
+    else:
+        raise InputError(None, f"--vqa_model {name} needs --vqa_model_path (or vqa_model.path in the config)")
+    check_model_dir(path)
+    return {
+        "vqa_model": name,
+        "model": model_identity(path),
+        "prompt": asdict(settings.prompt),
+        "generation": dict(settings.generation),
+        "processor_kwargs": dict(settings.processor_kwargs),
+    }
+
+
+def model_identity(path: Path) -> dict:
+    """What identifies a model directory's weights cheaply: its config, and each weight file's name
+    and size (hashing gigabytes of weights at every start would cost more than it protects)."""
+    weights = sorted(p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern))
+    return {
+        "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+        "weights": {p.name: p.stat().st_size for p in weights},
+    }
