@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from lever_lm.data.vqa import read_json_object
 from lever_lm.errors import InputError
 
 GEN_METHODS = ("beam", "sample", "random", "retrieval")
@@ -51,15 +52,8 @@ class Expectations:
 
 
 def load_rl_data(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(path, "RL data file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(path, f"not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, f"expected a JSON object keyed by query id, found {type(data).__name__}")
-    return data
+    """The RL data file as a dict keyed by query id (missing, non-JSON or non-object: InputError)."""
+    return read_json_object(Path(path))
 
 
 def validate_rl_data(path: Path, data: dict, expected: Expectations) -> None:
