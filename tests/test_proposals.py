@@ -31,8 +31,9 @@ D, H = 12, 8
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Tiles of 4 pool rows, so every test crosses tile borders (scan and two-level draws)."""
+    """Tiles of 4 pool rows and CDF blocks of 2, so every test crosses tile and block borders."""
     monkeypatch.setattr(proposals, "SCAN_CHUNK", 4)
+    monkeypatch.setattr(proposals, "DRAW_BLOCK", 2)
 
 
 def _model(use_gate: bool = True, seed: int = 0) -> PointerSelectorV2:
@@ -155,13 +156,14 @@ def _full(seed: int = 42, **kw) -> ProposalSettings:
     return ProposalSettings(seed=seed, **base)
 
 
-def test_no_sequence_contains_the_query_or_a_repeat():
+@pytest.mark.parametrize("shot", [1, 3])
+def test_no_sequence_contains_the_query_or_a_repeat(shot):
     k = 13
     model, pool = _model(), _pool(k)
-    for qp in Proposer(model, pool, pool, _full()).propose(range(k)):
-        assert {c.gen_method for c in qp.candidates} >= {"beam", "retrieval"}
+    for qp in Proposer(model, pool, pool, _full(shot_num=shot)).propose(range(k)):
+        assert qp.candidates[0].gen_method == "beam"
         for c in qp.candidates:
-            assert len(c.pointer) == 3 and len(set(c.pointer)) == 3
+            assert len(c.pointer) == shot and len(set(c.pointer)) == shot
             assert qp.query_idx not in c.pointer and all(0 <= i < k for i in c.pointer)
 
 

@@ -32,8 +32,9 @@ rows of the batch, which are reduced at once to per-tile statistics (a running t
 a log-sum-exp per row; a sample's temperature is folded into its state, logits being linear in
 it). Nothing of size [rows, K] is ever materialised, and the pool is read once per batch and step.
 Beam search stays exact (every pool row is considered for every beam). A sample is drawn by
-inverting the CDF in two levels: pick the tile from the per-tile masses, recompute that one tile's
-logits for that one row, pick the row inside it: exact sampling, for one small tile per draw.
+inverting the CDF in two levels: the scan keeps the log-sum-exp of every block of DRAW_BLOCK pool
+rows; pick the block from those masses, recompute that one block's logits for that one row, pick
+the row inside it: exact sampling, for DRAW_BLOCK logits per draw.
 
 Determinism. Every random number of a query comes from `query_generator(seed, query_idx)` and is
 drawn up front in a fixed order (the [S, shot_num] float64 uniforms of the samples, then the random
@@ -62,6 +63,9 @@ from lever_lm.models.v2.pointer_selector import PointerSelectorV2, PoolEncoding
 
 # Pool rows per tile of the streaming scan: [rows of a batch, SCAN_CHUNK] stays in cache.
 SCAN_CHUNK = 2_048
+# Pool rows per block of the sampling CDF (a divisor of SCAN_CHUNK): a draw recomputes one block of
+# logits for one row.
+DRAW_BLOCK = 256
 # Default number of queries per batch; the pool is read once per batch and step.
 DEFAULT_QUERY_BATCH = 64
 # The retrieval method enumerates sets of the top rows; refuse settings that would enumerate more.
@@ -136,7 +140,8 @@ def query_generator(seed: int, query_idx: int) -> torch.Generator:
 class _Scan:
     """Per-tile statistics of one step for a batch of rows (see `_scan_pool`)."""
 
-    tile_lse: Tensor  # [V, C] log-sum-exp of each view's (tempered, masked) logits per tile
+    block_lse: Tensor  # [R, blocks] log-sum-exp of each row's (tempered, masked) logits per block
+    block: int  # pool rows per block
     top_values: Tensor  # [Rb, k] best untempered logits of each beam row
     top_indices: Tensor  # [Rb, k] their pool rows
 
@@ -340,9 +345,10 @@ class Proposer:
                          draw_rows=torch.arange(nb, len(all_rows), device=base.device))
 
     def _scan_pool(self, rows: Tensor, banned: Tensor, beam_rows: int, k: int) -> _Scan:
-        """One pass over the pool in tiles: per-tile log-sum-exp of every row, top-k of the first `beam_rows`."""
+        """One pass over the pool in tiles: per-block log-sum-exp of every row, top-k of the first `beam_rows`."""
         K = self.pool_size
-        tile_lse = []
+        block = math.gcd(SCAN_CHUNK, DRAW_BLOCK)  # blocks never straddle two tiles
+        block_lse = []
         top = _RunningTopK(beam_rows, min(k, K), rows.device)
         for start in range(0, K, SCAN_CHUNK):
             stop = min(start + SCAN_CHUNK, K)
@@ -350,8 +356,9 @@ class Proposer:
             _mask_tile(logits, banned, start)
             if beam_rows:
                 top.update(logits[:beam_rows], start)
-            tile_lse.append(torch.logsumexp(logits, dim=1))
-        return _Scan(tile_lse=torch.stack(tile_lse, dim=1), top_values=top.values, top_indices=top.indices)
+            block_lse.append(_block_logsumexp(logits, block))
+        return _Scan(block_lse=torch.cat(block_lse, dim=1), block=block, top_values=top.values,
+                     top_indices=top.indices)
 
     def _beam_step(self, scan: _Scan, rows: Tensor, beams: _Beams, advance: bool) -> _Beams:
         """Extend every beam by its best rows, keep the best `num_beams` per query (top-k over beams x k).
@@ -359,7 +366,7 @@ class Proposer:
         The beams' rows are the first Q x slots rows of the step (query-major), at T = 1.
         """
         Q, slots = beams.logp.shape
-        lse = torch.logsumexp(scan.tile_lse[: Q * slots], dim=1, keepdim=True)  # [Q*slots, 1]
+        lse = torch.logsumexp(scan.block_lse[: Q * slots], dim=1, keepdim=True)  # [Q*slots, 1]
         step_logp = scan.top_values - lse  # [Q*slots, k]
         k = step_logp.shape[1]
         total = (beams.logp.reshape(-1, 1) + step_logp).reshape(Q, slots * k)
@@ -380,36 +387,35 @@ class Proposer:
                      advance: bool) -> _Samples:
         """One more pick for every sample, drawn with the given uniforms [draw rows, picks per row]."""
         Q, S = samples.logp.shape
-        picks, logp = self._draw(step.rows, step.banned, step.draw_rows, scan.tile_lse, uniforms)
+        picks, logp = self._draw(step, scan, uniforms)
         picks, logp = picks.reshape(Q, S), logp.reshape(Q, S)  # same (T, sample) order at every step
         state = self.model.advance(samples.state, picks.flatten(), self.pool) if advance else samples.state
         return _Samples(seq=torch.cat([samples.seq, picks.unsqueeze(2)], dim=2), logp=samples.logp + logp,
                         state=state, temp=samples.temp)
 
-    def _draw(self, rows: Tensor, banned: Tensor, draw_rows: Tensor, tile_lse: Tensor,
-              uniforms: Tensor) -> tuple[Tensor, Tensor]:
-        """Inverse-CDF draws [V, n] from the (tempered) distributions of `draw_rows`, and their log-probs.
+    def _draw(self, step: _StepRows, scan: _Scan, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse-CDF draws [V, n] from the (tempered) distributions of `step.draw_rows`, and their log-probs.
 
-        Level 1 picks the tile from the per-tile masses (float64 cumulative sum over tiles);
-        level 2 recomputes that tile's logits for that one row and picks inside it.
+        Level 1 picks the block from the per-block masses (float64 cumulative sum over blocks);
+        level 2 recomputes that block's logits for that one row and picks inside it.
         """
-        tile_lse = tile_lse[draw_rows]
-        lse = torch.logsumexp(tile_lse, dim=1, keepdim=True)  # [V, 1]
-        mass = (tile_lse - lse).double().exp()  # [V, C]
+        block_lse = scan.block_lse[step.draw_rows]
+        lse = torch.logsumexp(block_lse, dim=1, keepdim=True)  # [V, 1]
+        mass = (block_lse - lse).double().exp()  # [V, blocks]
         cum = mass.cumsum(dim=1)
         target = torch.minimum(uniforms * cum[:, -1:], cum[:, -1:] * (1 - 1e-12))  # [V, n]
-        tiles = torch.searchsorted(cum, target, right=True)
-        before = torch.where(tiles > 0, cum.gather(1, (tiles - 1).clamp_min(0)), torch.zeros_like(target))
-        fraction = ((target - before) / mass.gather(1, tiles)).clamp(0, 1 - 1e-12)
-        picks = torch.empty_like(tiles)
+        blocks = torch.searchsorted(cum, target, right=True)
+        before = torch.where(blocks > 0, cum.gather(1, (blocks - 1).clamp_min(0)), torch.zeros_like(target))
+        fraction = ((target - before) / mass.gather(1, blocks)).clamp(0, 1 - 1e-12)
+        picks = torch.empty_like(blocks)
         logps = torch.empty_like(target, dtype=torch.float32)
-        for v, j in itertools.product(range(tiles.shape[0]), range(tiles.shape[1])):
-            tile, row = int(tiles[v, j]), int(draw_rows[v])
-            start = tile * SCAN_CHUNK
-            logits = self.model.step_logits(rows[row : row + 1], self.pool,
-                                            rows=slice(start, min(start + SCAN_CHUNK, self.pool_size)))
-            _mask_tile(logits, banned[row : row + 1], start)
-            weights = (logits[0] - tile_lse[v, tile]).double().exp().cumsum(0)
+        for v, j in itertools.product(range(blocks.shape[0]), range(blocks.shape[1])):
+            block, row = int(blocks[v, j]), int(step.draw_rows[v])
+            start = block * scan.block
+            logits = self.model.step_logits(step.rows[row : row + 1], self.pool,
+                                            rows=slice(start, min(start + scan.block, self.pool_size)))
+            _mask_tile(logits, step.banned[row : row + 1], start)
+            weights = (logits[0] - block_lse[v, block]).double().exp().cumsum(0)
             local = int(torch.searchsorted(weights, fraction[v, j] * weights[-1], right=True).clamp(max=len(weights) - 1))
             picks[v, j] = start + local
             logps[v, j] = logits[0, local] - lse[v, 0]
@@ -501,6 +507,15 @@ def _cat_padded(parts: list[Tensor], pad: int) -> Tensor:
     """Stack [*, n_i] banned-row tensors of different widths, padding with `pad`."""
     width = max(p.shape[1] for p in parts)
     return torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad) for p in parts])
+
+
+def _block_logsumexp(logits: Tensor, block: int) -> Tensor:
+    """Log-sum-exp [R, ceil(c / block)] of each run of `block` columns of a tile [R, c]."""
+    full = logits.shape[1] // block * block
+    parts = [torch.logsumexp(logits[:, :full].reshape(len(logits), -1, block), dim=2)] if full else []
+    if full < logits.shape[1]:
+        parts.append(torch.logsumexp(logits[:, full:], dim=1, keepdim=True))
+    return torch.cat(parts, dim=1)
 
 
 def _mask_tile(logits: Tensor, banned: Tensor, start: int) -> None:
