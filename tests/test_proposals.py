@@ -103,6 +103,19 @@ def test_narrow_beam_matches_plain_beam_search(shot):
         assert [c.pointer for c in got.candidates] == _reference_beam_search(model, pool, query, shot, 3)
 
 
+def test_each_method_alone():
+    model, pool = _model(), _pool(10)
+    alone = {
+        "beam": dict(num_beams=3, num_samples_per_temp=0, num_random=0),  # temps set, but no samples
+        "sample": dict(num_beams=0, num_random=0),
+        "random": dict(num_beams=0, temps=(), num_random=2),
+        "retrieval": dict(num_beams=0, num_samples_per_temp=0, num_random=0, num_retrieval=2),
+    }
+    for method, kwargs in alone.items():
+        for qp in Proposer(model, pool, pool, ProposalSettings(**kwargs)).propose([0, 9]):
+            assert qp.candidates and {c.gen_method for c in qp.candidates} == {method}
+
+
 def test_more_beams_than_sequences_returns_all_sequences():
     model, pool = _model(), _pool(3)
     (got,) = Proposer(model, pool, pool, _beams_only(5, 2)).propose([0])

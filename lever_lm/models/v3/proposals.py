@@ -321,8 +321,10 @@ class Proposer:
         so the beams read rows [0, Q) and each temperature's samples share one row per query.
         """
         s, Q = self.settings, len(state0)
-        temps0 = list(dict.fromkeys(([1.0] if s.num_beams else []) + (list(s.temps) if s.samples_per_query else [])))
-        first_row = torch.tensor([temps0.index(temp) * Q for temp in s.temps], device=state0.device)
+        sample_temps = list(s.temps) if s.samples_per_query else []
+        temps0 = list(dict.fromkeys(([1.0] if s.num_beams else []) + sample_temps))
+        first_row = torch.tensor([temps0.index(temp) * Q for temp in sample_temps], dtype=torch.long,
+                                 device=state0.device)
         return _StepRows(
             rows=torch.cat([state0 / temp for temp in temps0]),
             banned=base.repeat(len(temps0), 1),
