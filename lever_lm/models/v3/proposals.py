@@ -206,7 +206,14 @@ class _Samples:
 
 
 class Proposer:
-    """Proposes candidates for queries of one pool; the pool is encoded once, here."""
+    """Proposes candidates for queries of one pool; the pool is encoded once, here.
+
+    `query_emb` [N, d] / `cand_emb` [K, d]: the embeddings (SPEC §3.3); a query id is a training
+    row, used both as a row of `query_emb` and as the pool row it must never propose.
+    `image_ids` [K]: image id of each pool row, needed by `exclude_same_image`. The model is moved
+    to `device` and put in eval mode. `query_batch_size` queries share each pass over the pool
+    (memory per step ~ batch x (beams + samples) x SCAN_CHUNK floats).
+    """
 
     def __init__(
         self,
