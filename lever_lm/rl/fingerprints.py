@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
+from lever_lm.models.v3 import proposals
 from lever_lm.rl.journal import fingerprint as fingerprint_of  # noqa: F401  (re-exported)
 from lever_lm.vqa.backends import describe_settings
 
@@ -19,7 +20,7 @@ FORMAT_VERSION = 1
 HASH_CHUNK = 1 << 22
 
 
-def run_settings(request, proposal) -> dict:
+def run_settings(request, proposal, proposal_block: int) -> dict:
     """The JSON-serialisable settings dict whose hash names the journal directory."""
     paths = request.dataset
     inputs = {
@@ -35,6 +36,12 @@ def run_settings(request, proposal) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "proposal": {**asdict(proposal), "temps": list(proposal.temps)},
+        # The constants that fix which random numbers and float roundings a seed produces.
+        "proposal_code": {
+            "scan_chunk": proposals.SCAN_CHUNK,
+            "draw_block": proposals.DRAW_BLOCK,
+            "query_block": proposal_block,
+        },
         "eval_mode": request.eval_mode,
         "vqa": describe_settings(request.vqa_model, model_path=request.vqa_model_path, config=request.config),
         "inputs": {name: file_digest(path) for name, path in inputs.items() if path is not None},

@@ -125,11 +125,11 @@ def run_generation(request: GenerationRequest) -> RunSummary:
     started = time.time()
     _check_request(request)
     inputs = load_inputs(request)
-    settings = fingerprints.run_settings(request, inputs.proposal)
+    settings = fingerprints.run_settings(request, inputs.proposal, PROPOSAL_BLOCK)
     fingerprint = fingerprints.fingerprint_of(settings)
     directory = request.journal_root() / fingerprint
     if request.merge_only:
-        return merge_shards(request, inputs, fingerprint, directory, started)
+        return merge_shards(request, inputs, settings, directory, started)
 
     shard_queries = shard_of(inputs.queries, request.num_shards, request.shard_id)
     with Journal.open(directory, request.shard_id, request.num_shards, settings=settings) as journal:
@@ -158,12 +158,12 @@ def run_generation(request: GenerationRequest) -> RunSummary:
     return summary
 
 
-def merge_shards(request: GenerationRequest, inputs: Inputs, fingerprint: str, directory: Path, started: float):
+def merge_shards(request: GenerationRequest, inputs: Inputs, settings: dict, directory: Path, started: float):
     """Combine the journals of shards 0..N-1 into the final JSON (none missing, none twice)."""
     journals = [directory / shard_file_name(i, request.num_shards) for i in range(request.num_shards)]
-    summary = RunSummary(fingerprint, directory, len(inputs.queries), len(inputs.queries))
+    summary = RunSummary(directory.name, directory, len(inputs.queries), len(inputs.queries))
     summary.seconds = time.time() - started
-    finish(request, inputs, fingerprint, journals, summary, fingerprints.run_settings(request, inputs.proposal))
+    finish(request, inputs, directory.name, journals, summary, settings)
     return summary
 
 

@@ -9,16 +9,22 @@ This module only parses flags; the work is `lever_lm.rl.generate.run_generation`
 
 from __future__ import annotations
 
-import argparse
-import logging
-from pathlib import Path
+import os
 
-from lever_lm.config import config_section, load_config
-from lever_lm.data.dataset_paths import add_dataset_arguments, resolve_dataset_paths
-from lever_lm.errors import InputError, exit_on_input_error
-from lever_lm.rl.generate import PROPOSAL_BLOCK, GenerationRequest, run_generation
-from lever_lm.vqa.backends import available_backends
-from lever_lm.vqa.metric import MODES
+# Threads that sleep when idle instead of spinning: on a shared CPU, spinning OpenMP threads make
+# the proposal matmuls several times slower. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from lever_lm.config import config_section, load_config  # noqa: E402
+from lever_lm.data.dataset_paths import add_dataset_arguments, resolve_dataset_paths  # noqa: E402
+from lever_lm.errors import InputError, exit_on_input_error  # noqa: E402
+from lever_lm.rl.generate import PROPOSAL_BLOCK, GenerationRequest, run_generation  # noqa: E402
+from lever_lm.vqa.backends import available_backends  # noqa: E402
+from lever_lm.vqa.metric import MODES  # noqa: E402
 
 DATASET_FIELDS = ("train_ques_path", "train_ann_path", "train_image_root")
 
