@@ -22,9 +22,15 @@ way) on the demo TRAINING split, in two phases:
 Which ICDs a training prompt shows decides whether the model learns to look at them. Each ICD slot
 is drawn from a mixture (`IcdMix`): any training item, an item of the query's question type, or an
 item of the query's type with the query's answer (a helpful demonstration, as a good retriever
-finds). So a same-type ICD's answer is evidence for the query's answer, but no proof: the model
-learns to read the image and the question and to lean on the demonstrations -- which makes
-different ICD sequences score differently (non-flat GRPO groups), as with a real VLM.
+finds). With the default 1 : 0 : 4 a same-type ICD's answer is strong evidence for the query's
+answer, so the model learns to read the image and the question AND to lean on the
+demonstrations: on the demo val split (2 ICDs of the query's type) it scores ~0.86 when they
+share the query's answer, ~0.34 when they do not, ~0.55 with no ICD at all -- so different ICD
+sequences score differently (non-flat GRPO groups), as with a real VLM. With equal weights it
+learns to ignore the ICDs (few non-flat groups).
+
+Cost: about a minute on one CPU thread (the default: the matrices are tiny, and a second thread
+gains little and loses much on a shared machine).
 
 Determinism: the seed fixes the head's initial weights and every draw; training runs with a fixed
 number of intra-op threads and `torch.use_deterministic_algorithms(True)`. The same seed on the
