@@ -26,6 +26,7 @@ SMALL_PARAMS = {
     "num_random": 1,
     "demo": {"beam_queries": 8},
     "sft": {"epochs": 5},
+    "demo_vlm": {"vision_steps": 30, "steps": 30},
 }
 
 
