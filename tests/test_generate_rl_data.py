@@ -172,7 +172,7 @@ def test_bad_input_stops_before_the_model_loads(breakage, rl_inputs, tmp_path, c
         expected = "9999"
     else:
         args += ["--temps", "0"]
-        expected = "--temps"
+        expected = "temperature must be a finite number > 0"
     with pytest.raises(SystemExit) as exit_info:
         generate_rl_data.main(args)
     assert exit_info.value.code == 2

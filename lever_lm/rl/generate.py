@@ -18,6 +18,7 @@ proposals as a single run, and the final JSON is byte-identical.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -69,14 +70,8 @@ class GenerationRequest:
     vqa_model: str = "qwen2.5_vl_3B"
     vqa_model_path: str | None = None
     config: dict = field(default_factory=dict)
-    shot_num: int | None = None
-    num_beams: int = 5
-    temps: tuple[float, ...] = (1.0, 1.3)
-    num_samples_per_temp: int = 2
-    num_random: int = 1
-    num_retrieval: int = 0
-    exclude_same_image: bool = False
-    seed: int = 42
+    proposal: ProposalSettings = ProposalSettings()
+    shot_num: int | None = None  # None: from the beam data (overrides proposal.shot_num)
     eval_mode: str = "always"
     device: str = "cuda:0"
     batch_size: int | None = None
@@ -207,16 +202,7 @@ def load_inputs(request: GenerationRequest) -> Inputs:
             f"pointer input dim {pointer.input_dim} does not match the embeddings' d = {cand_emb.shape[1]} "
             f"({request.cand_emb})",
         )
-    proposal = ProposalSettings(
-        shot_num=request.shot_num or beam.shot_num,
-        num_beams=request.num_beams,
-        temps=tuple(request.temps),
-        num_samples_per_temp=request.num_samples_per_temp,
-        num_random=request.num_random,
-        num_retrieval=request.num_retrieval,
-        exclude_same_image=request.exclude_same_image,
-        seed=request.seed,
-    )
+    proposal = dataclasses.replace(request.proposal, shot_num=request.shot_num or beam.shot_num)
     queries = beam.query_ids[: request.limit] if request.limit else list(beam.query_ids)
     answers = scoring_answers(request, dataset, queries)
     return Inputs(dataset, beam, query_emb, cand_emb, pointer.eval(), proposal, queries, answers)

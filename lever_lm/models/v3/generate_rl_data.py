@@ -21,7 +21,8 @@ from pathlib import Path  # noqa: E402
 
 from lever_lm.config import config_section, load_config  # noqa: E402
 from lever_lm.data.dataset_paths import add_dataset_arguments, resolve_dataset_paths  # noqa: E402
-from lever_lm.errors import InputError, exit_on_input_error  # noqa: E402
+from lever_lm.errors import exit_on_input_error  # noqa: E402
+from lever_lm.models.v3.proposals import ProposalSettings  # noqa: E402
 from lever_lm.rl.generate import PROPOSAL_BLOCK, GenerationRequest, run_generation  # noqa: E402
 from lever_lm.vqa.backends import available_backends  # noqa: E402
 from lever_lm.vqa.metric import MODES  # noqa: E402
@@ -94,9 +95,6 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     dataset = resolve_dataset_paths(args.dataset, flags, config, config_path=args.config)
     val_ques = args.val_ques_path or _path_or_none(section.get("val_ques_path"))
     val_ann = args.val_ann_path or _path_or_none(section.get("val_ann_path"))
-    for value in args.temps:
-        if not value > 0:
-            raise InputError(None, f"--temps must all be > 0 (got {value})")
     return GenerationRequest(
         sft_ckpt=args.sft_ckpt,
         beam_data=args.beam_data,
@@ -109,14 +107,16 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         vqa_model=args.vqa_model,
         vqa_model_path=args.vqa_model_path,
         config=config,
+        proposal=ProposalSettings(
+            num_beams=args.num_beams,
+            temps=tuple(args.temps),
+            num_samples_per_temp=args.num_samples_per_temp,
+            num_random=args.num_random,
+            num_retrieval=args.num_retrieval,
+            exclude_same_image=args.exclude_same_image,
+            seed=args.seed,
+        ),
         shot_num=args.shot_num,
-        num_beams=args.num_beams,
-        temps=tuple(args.temps),
-        num_samples_per_temp=args.num_samples_per_temp,
-        num_random=args.num_random,
-        num_retrieval=args.num_retrieval,
-        exclude_same_image=args.exclude_same_image,
-        seed=args.seed,
         eval_mode=args.eval_mode,
         device=args.device,
         batch_size=args.batch_size,
