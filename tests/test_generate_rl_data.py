@@ -156,7 +156,9 @@ def test_help_lists_every_seed_flag_with_its_default(capsys):
             assert f"(default: {default})" in text, flag
 
 
-@pytest.mark.parametrize("breakage", ["missing_embeddings", "beam_id_out_of_range", "non_positive_temperature"])
+@pytest.mark.parametrize(
+    "breakage", ["missing_embeddings", "beam_id_out_of_range", "non_positive_temperature", "missing_gpu"]
+)
 def test_bad_input_stops_before_the_model_loads(breakage, rl_inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generate, "load_backend", _no_model)
     args = argv(rl_inputs, tmp_path / "rl.json")
@@ -170,9 +172,13 @@ def test_bad_input_stops_before_the_model_loads(breakage, rl_inputs, tmp_path, c
         (tmp_path / "beam.json").write_text(json.dumps(beam))
         args[args.index("--beam_data") + 1] = str(tmp_path / "beam.json")
         expected = "9999"
-    else:
+    elif breakage == "non_positive_temperature":
         args += ["--temps", "0"]
         expected = "temperature must be a finite number > 0"
+    else:
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+        args += ["--device", "cuda:0"]
+        expected = "CUDA is not available"
     with pytest.raises(SystemExit) as exit_info:
         generate_rl_data.main(args)
     assert exit_info.value.code == 2

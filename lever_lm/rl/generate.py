@@ -41,7 +41,7 @@ from lever_lm.rl import fingerprints
 from lever_lm.rl.journal import Journal, shard_file_name
 from lever_lm.rl.output import collect_journal_index, write_final_json, write_meta
 from lever_lm.vqa.backends import load_backend
-from lever_lm.vqa.backends.base import Generation
+from lever_lm.vqa.backends.base import Generation, resolve_device
 from lever_lm.vqa.metric import MODES, prepare_answers, score_prediction
 from lever_lm.vqa.prompts import FewShotPrompt, Shot
 
@@ -182,6 +182,8 @@ def _check_request(request: GenerationRequest) -> None:
         raise InputError(None, "give both --val_ques_path and --val_ann_path, or neither")
     if request.eval_mode not in MODES:
         raise InputError(None, f"--eval_mode must be one of {', '.join(MODES)}")
+    if not request.merge_only:
+        resolve_device(request.device)  # a missing GPU is reported before anything is written
 
 
 def load_inputs(request: GenerationRequest) -> Inputs:
