@@ -16,6 +16,18 @@ import pytest  # noqa: E402
 from lever_lm.demo.build import build_demo  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules running tiny models: extra intra-op threads only spin on such small matrices,
+    and on a shared 2-core machine they made these tests up to 20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """A freshly built demo (seed 0): `vqa/` data set and `models/` tiny CLIP and Qwen2.5-VL."""

@@ -21,13 +21,7 @@ from lever_lm.models.v2.train_sft import beam_examples, sft_loss, train_pointer_
 SETTINGS = dict(hidden_dim=32, num_layers=1, use_gate=True, lr=3e-3, batch_size=32, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices: extra intra-op threads only spin, and on a shared 2-core box slow this 20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

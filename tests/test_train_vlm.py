@@ -36,12 +36,7 @@ SHORT = TrainSettings(vision_steps=60, steps=80)
 TINY = TrainSettings(vision_steps=3, vision_batch_size=8, steps=3, batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load_split(demo_dir: Path, name: str) -> VQADataset:

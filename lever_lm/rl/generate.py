@@ -255,7 +255,7 @@ def process_queries(request, inputs: Inputs, backend, journal: Journal, shard_qu
         inputs.cand_emb,
         inputs.proposal,
         image_ids=inputs.dataset.image_ids,
-        device=_proposal_device(request.device),
+        device=request.device,  # already checked to exist
         query_batch_size=PROPOSAL_BLOCK,
     )
     done = journal.done()
@@ -282,10 +282,6 @@ def _blocks(shard_queries: list[int]) -> Iterator[list[int]]:
         yield shard_queries[i : i + PROPOSAL_BLOCK]
 
 
-def _proposal_device(device: str) -> str:
-    return device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
-
-
 def score_block(inputs: Inputs, backend, proposals: list[QueryProposals], eval_mode: str):
     """Yield (query_idx, entry, stats) per query, in order, as soon as its candidates are scored.
 
@@ -296,7 +292,7 @@ def score_block(inputs: Inputs, backend, proposals: list[QueryProposals], eval_m
     remaining = [len(p.candidates) for p in proposals]
     generations: list[list[Generation | None]] = [[None] * len(p.candidates) for p in proposals]
     positions = [j for p in proposals for j in range(len(p.candidates))]
-    chunk = max(1, int(getattr(getattr(backend, "settings", None), "batch_size", 16)))
+    chunk = backend.settings.batch_size
     next_to_yield = 0
     for start in range(0, len(flat), chunk):
         part = flat[start : start + chunk]
