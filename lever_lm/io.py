@@ -1,20 +1,59 @@
-"""Atomic file output: a crash never leaves a half-written file for a user or DVC to trust.
+"""Reading JSON inputs, and atomic file output.
 
-Everything the project writes (embeddings, checkpoints, beam data, the RL data and its metadata)
-goes through `atomic_output`: the content is written to a temporary file in the target's own
-directory and renamed over the target only when complete.
+`read_json` is the one JSON reader of the project's inputs: a missing file, bad JSON, the wrong
+top-level type or (where asked) a key written twice is an `InputError` naming the file. A repeated
+key matters: `json.load` would silently keep the last value, so a hand-edited file could change a
+result without a word.
+
+Everything the project writes (embeddings, checkpoints, beam data, the RL data and its metadata,
+metrics) goes through `atomic_output`: the content is written to a temporary file in the target's
+own directory and renamed over the target only when complete, so a crash never leaves a
+half-written file for a user or DVC to trust.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from lever_lm.errors import InputError
+
+
+def read_json(path: str | Path, expect: type = dict, unique_keys: bool = False) -> Any:
+    """The parsed JSON file, checked to be an `expect` (dict or list) at the top level."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    hook = _refuse_repeated_keys(path) if unique_keys else None
+    try:
+        with path.open(encoding="utf-8") as handle:
+            data = json.load(handle, object_pairs_hook=hook)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(path, f"not valid JSON: {error}") from None
+    if not isinstance(data, expect):
+        what = "object" if expect is dict else "list" if expect is list else expect.__name__
+        raise InputError(path, f"expected a JSON {what}, found {type(data).__name__}")
+    return data
+
+
+def _refuse_repeated_keys(path: Path):
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        result = {}
+        for key, value in pairs:
+            if key in result:
+                raise InputError(path, f"key {key!r} appears twice")
+            result[key] = value
+        return result
+
+    return hook
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:

@@ -1,31 +1,30 @@
-"""DVC stage: RL data generation with the settings of params.yaml (see lever_lm.models.v3.generate_rl_data).
+"""DVC stage: RL data generation with the settings of params.yaml (see lever_lm.rl.cli).
 
-Every top-level key of params.yaml that is a flag of the generator becomes that flag; empty
-values are left out. Extra command-line arguments are passed through (e.g. --limit 8).
+Every top-level key of params.yaml that names a flag of the generator's parser becomes that
+flag (a list becomes several values, `true` a switch, an empty string or null is left out). Extra
+command-line arguments are passed through (e.g. --limit 8).
 """
 
+import argparse
 import sys
 
 import yaml
 
-from lever_lm.models.v3.generate_rl_data import main
-
-FLAGS = (
-    "sft_ckpt", "beam_data", "output_path", "query_emb", "cand_emb", "vqa_model", "vqa_model_path",
-    "dataset", "train_ques_path", "train_ann_path", "train_image_root", "val_ques_path", "val_ann_path",
-    "config", "num_beams", "temps", "num_samples_per_temp", "num_random", "num_retrieval", "seed",
-    "eval_mode", "device", "batch_size",
-)
+from lever_lm.rl.cli import build_parser, main
 
 
-def argv_from_params(params: dict) -> list[str]:
+def argv_from_params(params: dict, parser: argparse.ArgumentParser | None = None) -> list[str]:
     argv = []
-    for flag in FLAGS:
-        value = params.get(flag)
-        if value is None or value == "":
+    for action in (parser or build_parser())._actions:
+        if not action.option_strings or action.dest not in params:
             continue
-        values = value if isinstance(value, list) else [value]
-        argv += [f"--{flag}", *map(str, values)]
+        value, flag = params[action.dest], action.option_strings[0]
+        if value is None or value == "" or value is False:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        else:
+            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
     return argv
 
 

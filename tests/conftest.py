@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Content digests are cached per test session, never in the user's cache (subprocesses inherit it).
+os.environ["LEVER_LM_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="lever_lm_digests_")
 
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -105,7 +105,6 @@ def test_qwen_shortcuts_change_no_answer(model_dir, prompts, qwen_answers, preco
     backend.precompute_vision, backend.share_prefill = precompute_vision, share_prefill
     backend.image_cache.max_bytes = 0  # nothing kept: every prompt re-reads its images
     assert backend.generate(prompts) == qwen_answers
-    assert backend.describe()["share_prefill"] == share_prefill
 
 
 def test_each_distinct_image_is_prepared_once(model_dir, prompts):
@@ -159,7 +158,7 @@ def test_config_overrides_reach_the_model_input(model_dir, prompts):
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
     assert text.endswith(f"Q={prompts[1].query.question} A=<|im_end|>\n<|im_start|>assistant\n")
     assert backend.generation_kwargs["num_beams"] == 1
-    assert backend.describe()["prompt"]["system_prompt"] == "Be brief."
+    assert backend.settings.prompt.system_prompt == "Be brief."
     assert backend.model.dtype == torch.float32
 
 

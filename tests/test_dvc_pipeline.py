@@ -112,11 +112,11 @@ def test_an_interrupted_generation_resumes_under_repro(repo: Path):
 
 
 def _journaled(journal_root: Path, seed: int) -> int:
-    """Lines in the journal of the run with this seed (0 until it exists)."""
+    """Queries in the journal of the run with this seed (0 until it exists; line 1 is the header)."""
     for settings in journal_root.glob("*/settings.json"):
         journal = settings.with_name("shard-0-of-1.jsonl")
         if json.loads(settings.read_text())["proposal"]["seed"] == seed and journal.exists():
-            return journal.read_bytes().count(b"\n")
+            return max(journal.read_bytes().count(b"\n") - 1, 0)
     return 0
 
 
@@ -129,3 +129,31 @@ def test_validation_stage_fails_on_a_corrupted_rl_file(repo: Path):
     result = dvc(repo, "repro", "--single-item", "validate", check=False)
     assert result.returncode != 0
     assert "contains the query itself" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "edit, stages",
+    [
+        ("configs/generate.yaml", {"generate_rl_data"}),
+        ("data/demo/vqa/mscoco_train2014_annotations.json", {"generate_rl_data", "export_embeddings", "validate"}),
+        ("data/demo/vqa/mscoco2014/train2014", {"generate_rl_data", "export_embeddings"}),
+    ],
+)
+def test_dvc_sees_every_input_of_the_generator(repo: Path, edit: str, stages: set[str]):
+    path = repo / edit
+    if path.is_dir():  # an image edited in place
+        path = sorted(path.iterdir())[0]
+    before = path.read_bytes()
+    try:
+        path.write_bytes(before + (b"\n# edited\n" if path.suffix == ".yaml" else b" "))
+        status = json.loads(dvc(repo, "status", "--json").stdout)
+        assert stages <= set(status), status
+    finally:
+        path.write_bytes(before)
+
+
+def test_retraining_the_vqa_model_reruns_the_scoring(repo: Path):
+    result = dvc(repo, "exp", "run", "-S", "demo_vlm.steps=31")
+    output = result.stdout + result.stderr
+    assert "Running stage 'demo_vlm'" in output and "Running stage 'generate_rl_data'" in output
+    assert re.search(r"0 of 8 queries already done", output), "the new model's scores must not be reused"

@@ -14,8 +14,10 @@ import pytest
 
 from lever_lm.data.beam_data import load_beam_data
 from lever_lm.models.v3 import generate_rl_data
-from lever_lm.rl import generate
-from lever_lm.rl.journal import Journal
+from lever_lm.rl.cli import request_from_args
+from lever_lm.rl.generate import run_generation
+from lever_lm.rl.journal import Journal, JournalSpec
+from lever_lm.rl.records import RecordRules
 from lever_lm.rl.validate import Expectations, load_rl_data, validate_rl_data
 from lever_lm.vqa.metric import vqa_accuracy
 
@@ -46,7 +48,20 @@ def reference(rl_inputs, tmp_path_factory) -> Path:
 
 def _expectations(rl_inputs) -> Expectations:
     beam = load_beam_data(rl_inputs.beam_data, 274)
-    return Expectations(beam.query_ids, beam.shot_num, 274)
+    return Expectations(beam.query_ids, RecordRules(beam.shot_num, 274))
+
+
+class NoModel:
+    """A backend that must never be asked: every query is journaled already."""
+
+    batch_size = 4
+
+    def generate(self, prompts):
+        raise AssertionError("the VQA model must not be used when every query is journaled")
+
+
+def run_without_model(args: list[str]) -> None:
+    run_generation(request_from_args(generate_rl_data.build_parser().parse_args(args)), backend=NoModel())
 
 
 def test_output_follows_the_schema_and_the_trainers_rules(reference: Path, rl_inputs):
@@ -74,15 +89,10 @@ def test_output_follows_the_schema_and_the_trainers_rules(reference: Path, rl_in
     assert meta["settings"]["proposal"]["num_beams"] == 2
 
 
-def test_a_rerun_with_the_same_settings_loads_no_model_and_rewrites_the_same_bytes(reference, rl_inputs, monkeypatch):
+def test_a_rerun_with_the_same_settings_uses_no_model_and_rewrites_the_same_bytes(reference, rl_inputs):
     before = reference.read_bytes()
-    monkeypatch.setattr(generate, "load_backend", _no_model)
-    generate_rl_data.main(argv(rl_inputs, reference))
+    run_without_model(argv(rl_inputs, reference))
     assert reference.read_bytes() == before
-
-
-def _no_model(*args, **kwargs):
-    raise AssertionError("the VQA model must not be loaded when every query is journaled")
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, rl_inputs, tmp_path):
@@ -105,41 +115,41 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, rl_inputs, tm
     assert output.read_bytes() == reference.read_bytes()
 
 
-def test_sharded_and_merged_equals_a_single_run(rl_inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(generate, "PROPOSAL_BLOCK", 4)  # 12 queries -> 3 blocks over 2 shards
+def test_sharded_and_merged_equals_a_single_run(rl_inputs, tmp_path):
+    block = ["--proposal_block", "4"]  # 12 queries -> 3 blocks over 2 shards
     single = tmp_path / "single" / "rl.json"
-    generate_rl_data.main(argv(rl_inputs, single))
+    generate_rl_data.main(argv(rl_inputs, single, *block))
     sharded = tmp_path / "sharded" / "rl.json"
     with pytest.raises(SystemExit) as refused:  # merging before the shards exist is an error
-        generate_rl_data.main(argv(rl_inputs, sharded, "--num_shards", "2", "--merge"))
+        generate_rl_data.main(argv(rl_inputs, sharded, *block, "--num_shards", "2", "--merge"))
     assert refused.value.code == 2
     for shard in ("1", "0"):
-        generate_rl_data.main(argv(rl_inputs, sharded, "--num_shards", "2", "--shard_id", shard))
+        generate_rl_data.main(argv(rl_inputs, sharded, *block, "--num_shards", "2", "--shard_id", shard))
         assert not sharded.exists(), "a shard alone writes no final JSON"
     journals = sorted(p.name for p in (tmp_path / "sharded" / "rl.json.journal").glob("*/*.jsonl"))
     assert journals == ["shard-0-of-2.jsonl", "shard-1-of-2.jsonl"]
-    generate_rl_data.main(argv(rl_inputs, sharded, "--num_shards", "2", "--merge"))
+    generate_rl_data.main(argv(rl_inputs, sharded, *block, "--num_shards", "2", "--merge"))
     assert sharded.read_bytes() == single.read_bytes()
 
 
-def test_other_settings_start_their_own_journal_and_switching_back_resumes(reference, rl_inputs, monkeypatch):
+def test_other_settings_start_their_own_journal_and_switching_back_resumes(reference, rl_inputs):
     journal_root = reference.with_name("rl.json.journal")
     first = {p.name for p in journal_root.iterdir()}
     other = reference.with_name("other.json")
     generate_rl_data.main(argv(rl_inputs, other, "--journal_dir", str(journal_root), "--temps", "0.7", "--limit", "2"))
     assert len({p.name for p in journal_root.iterdir()} - first) == 1
     assert len(load_rl_data(other)) == 2
-    monkeypatch.setattr(generate, "load_backend", _no_model)
     before = reference.read_bytes()
-    generate_rl_data.main(argv(rl_inputs, reference))  # back to the first settings: all done already
+    run_without_model(argv(rl_inputs, reference))  # back to the first settings: all done already
     assert reference.read_bytes() == before
 
 
-def test_a_second_writer_on_the_same_journal_is_refused(reference, rl_inputs, capsys, monkeypatch):
-    fingerprint = json.loads(reference.with_name("rl.json.meta.json").read_text())["fingerprint"]
-    directory = reference.with_name("rl.json.journal") / fingerprint
-    monkeypatch.setattr(generate, "load_backend", _no_model)
-    with Journal.open(directory):
+def test_a_second_writer_on_the_same_journal_is_refused(reference, rl_inputs, capsys):
+    meta = json.loads(reference.with_name("rl.json.meta.json").read_text())
+    directory = reference.with_name("rl.json.journal") / meta["fingerprint"]
+    journal = directory / "shard-0-of-1.jsonl"
+    spec = JournalSpec.from_header(json.loads(journal.read_bytes().splitlines()[0]))
+    with Journal.open(directory, spec):
         with pytest.raises(SystemExit) as exit_info:
             generate_rl_data.main(argv(rl_inputs, reference))
     assert exit_info.value.code == 2
@@ -160,7 +170,7 @@ def test_help_lists_every_seed_flag_with_its_default(capsys):
     "breakage", ["missing_embeddings", "beam_id_out_of_range", "non_positive_temperature", "missing_gpu"]
 )
 def test_bad_input_stops_before_the_model_loads(breakage, rl_inputs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "load_backend", _no_model)
+    monkeypatch.setattr("lever_lm.rl.generate.load_backend", NoModel)
     args = argv(rl_inputs, tmp_path / "rl.json")
     if breakage == "missing_embeddings":
         args[args.index("--query_emb") + 1] = str(tmp_path / "nowhere.pt")

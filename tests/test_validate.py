@@ -1,25 +1,35 @@
-"""Validation of RL data files: every rule caught, metrics and plot data computed right."""
+"""Validation of RL data files: every rule caught, every recomputable field recomputed, metrics right."""
 
 from __future__ import annotations
 
 import copy
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from lever_lm.errors import InputError
+from lever_lm.rl.records import RecordRules
 from lever_lm.rl.validate import (
     Expectations,
+    compute_breakdown,
     compute_metrics,
+    load_rl_data,
     plot_data,
     validate_rl_data,
     write_plots,
 )
 
+# red: 4 of 10 annotators (accuracy 1.0), blue: 1 (0.3), anything else 0.
+ANSWERS = ("red", "red", "red", "red", "blue", "green", "green", "pink", "gray", "teal")
+ACCURACY = {"red": 1.0, "blue": 0.3, "yellow": 0.0}
 
-def candidate(pointer, method="beam", acc=0.0, rank=0, temp=None) -> dict:
+
+def candidate(pointer, method="beam", answer="red", rank=0, temp=None) -> dict:
+    acc = ACCURACY[answer]
     return {
         "pointer": pointer,
         "gen_method": method,
@@ -27,8 +37,8 @@ def candidate(pointer, method="beam", acc=0.0, rank=0, temp=None) -> dict:
         "beam_score": 0.5 if method == "beam" else None,
         "logprob_score": -1.0 if method in ("beam", "sample") else None,
         "temperature": temp,
-        "vqa_raw_generation": "red",
-        "vqa_pred_answer": "red",
+        "vqa_raw_generation": f" {answer} Question",
+        "vqa_pred_answer": answer,
         "vqa_correct": 1 if acc > 0 else 0,
         "vqa_acc_score": acc,
         "vqa_eval_mode": "vqaEval",
@@ -37,40 +47,72 @@ def candidate(pointer, method="beam", acc=0.0, rank=0, temp=None) -> dict:
 
 
 def entry(query_idx: int, candidates: list[dict]) -> dict:
-    query = {"query_id": query_idx, "question_id": 10 * query_idx, "image_id": query_idx, "question": "q?", "gt_answers_raw": ["red"] * 10}
+    query = {
+        "query_id": query_idx,
+        "question_id": 10 * query_idx,
+        "image_id": query_idx,
+        "question": "q?",
+        "gt_answers_raw": list(ANSWERS),
+    }
     return {"query": query, "pointer_candidates": candidates}
 
 
 @pytest.fixture
 def good() -> dict:
     return {
-        "3": entry(3, [candidate([1, 2], acc=1.0), candidate([2, 1], rank=1, acc=0.3), candidate([4, 5], "sample", 0.0, temp=1.3)]),
-        "7": entry(7, [candidate([1, 2], acc=1.0), candidate([0, 9], "random", 1.0)]),
-    }
+        "3": entry(3, [candidate([1, 2]), candidate([2, 1], rank=1, answer="blue"), candidate([4, 5], "sample", "yellow", temp=1.3)]),
+        "7": entry(7, [candidate([1, 2]), candidate([0, 9], "random")]),
+    }  # fmt: skip
 
 
-EXPECTED = Expectations(query_order=[3, 7], shot_num=2, num_items=10)
+class FakeDataset:
+    def __getitem__(self, row: int):
+        return SimpleNamespace(question_id=10 * row, image_id=row, question="q?")
+
+
+PROPOSAL = {"num_beams": 2, "temps": [1.0, 1.3], "num_samples_per_temp": 1, "num_random": 1, "num_retrieval": 0}
+EXPECTED = Expectations(
+    query_order=[3, 7],
+    rules=RecordRules(shot_num=2, num_items=10),
+    dataset=FakeDataset(),
+    answers={3: ANSWERS, 7: ANSWERS},
+    proposal=PROPOSAL,
+)
 
 
 def test_a_good_file_passes(good):
     validate_rl_data(Path("rl.json"), good, EXPECTED)
 
 
+def _first(d):
+    return d["3"]["pointer_candidates"][0]
+
+
 @pytest.mark.parametrize(
     "breakage, message",
     [
-        (lambda d: d["3"]["pointer_candidates"][0].update(pointer=[3, 1]), "contains the query itself"),
-        (lambda d: d["3"]["pointer_candidates"][0].update(pointer=[1, 10]), "outside 0..9"),
-        (lambda d: d["3"]["pointer_candidates"][0].update(pointer=[1, 2, 4]), "expected shot_num = 2"),
-        (lambda d: d["3"]["pointer_candidates"][0].update(pointer=[1, 1]), "repeats an id"),
-        (lambda d: d["3"]["pointer_candidates"][0].update(vqa_acc_score=0.5), "is not one of"),
-        (lambda d: d["3"]["pointer_candidates"][0].update(vqa_correct=0), "disagrees"),
+        (lambda d: _first(d).update(pointer=[3, 1]), "contains the query itself"),
+        (lambda d: _first(d).update(pointer=[1, 10]), "outside 0..9"),
+        (lambda d: _first(d).update(pointer=[1, 2, 4]), "expected shot_num = 2"),
+        (lambda d: _first(d).update(pointer=[1, 1]), "repeats an id"),
+        (lambda d: _first(d).update(vqa_acc_score=0.5), "is not one of"),
+        (lambda d: _first(d).update(vqa_correct=0), "disagrees"),
         (lambda d: d["3"]["pointer_candidates"][1].update(pointer=[1, 2]), "appears twice"),
         (lambda d: d["3"]["pointer_candidates"][2].update(temperature=None), "temperature > 0"),
-        (lambda d: d["3"]["pointer_candidates"][0].pop("vqa_pred_answer"), "vqa_pred_answer missing"),
-        (lambda d: d["3"].update(pointer_candidates=[]), "first query (3) has no candidates"),
+        (lambda d: _first(d).pop("vqa_pred_answer"), "vqa_pred_answer missing"),
+        (lambda d: d["3"].update(pointer_candidates=[]), "query 3: no candidates"),
         (lambda d: d.pop("7"), "missing [7]"),
-        (lambda d: d.update({"meta": {}}), "non-numeric keys"),
+        (lambda d: d.update({"meta": {}}), "not query indices"),
+        (lambda d: d.update({"\u00b3": {}}), "not query indices"),
+        # edits only a recomputation catches
+        (lambda d: _first(d).update(vqa_pred_answer="banana"), "not the post-processed vqa_raw_generation"),
+        (lambda d: _first(d).update(vqa_pred_answer="blue", vqa_raw_generation="blue"), "its answer scores 0.3"),
+        (lambda d: d["3"]["query"].update(gt_answers_raw=["banana"] * 10), "differ from the annotations"),
+        (lambda d: d["3"]["query"].update(question_id=1), "query.question_id is 1, the data set says 30"),
+        (lambda d: d["3"]["query"].update(question="edited"), "query.question is 'edited'"),
+        (lambda d: _first(d).update(eval_failed=True, vqa_acc_score=0.0, vqa_correct=0), "needs its reason"),
+        (lambda d: d["3"]["pointer_candidates"][2].update(temperature=0.5), "'sample@0.5' candidates"),
+        (lambda d: d["7"]["pointer_candidates"].append(candidate([5, 6], "random")), "2 'random' candidates"),
     ],
 )
 def test_each_violation_is_reported(good, breakage, message):
@@ -82,19 +124,38 @@ def test_each_violation_is_reported(good, breakage, message):
     assert "rl.json" in str(error.value)
 
 
+def test_too_many_failed_evaluations_fail_the_validation(good):
+    failed = copy.deepcopy(good)
+    _first(failed).update(eval_failed=True, eval_error="generation failed: boom", vqa_acc_score=0.0, vqa_correct=0)
+    _first(failed).update(vqa_raw_generation="", vqa_pred_answer="")
+    validate_rl_data(Path("rl.json"), failed, replace(EXPECTED, max_failed_share=0.2))  # 1 of 5
+    with pytest.raises(InputError, match="1 of 5 evaluations failed"):
+        validate_rl_data(Path("rl.json"), failed, replace(EXPECTED, max_failed_share=0.1))
+
+
+def test_a_key_written_twice_is_refused(tmp_path, good):
+    text = json.dumps(good)
+    path = tmp_path / "rl.json"
+    path.write_text(text[:-1] + ', "3": ' + json.dumps(good["3"]) + "}")
+    with pytest.raises(InputError, match="key '3' appears twice"):
+        load_rl_data(path)
+
+
 def test_metrics_values(good):
-    meta = {"counts": {"duplicates_dropped": {"beam": 0, "sample": 2, "random": 1}}}
-    metrics = compute_metrics(good, meta)
+    metrics = compute_metrics(good)
     assert metrics["queries"] == 2 and metrics["candidates"] == 5
-    assert metrics["candidates_per_query"] == {"mean": 2.5, "min": 2, "max": 3}
     assert metrics["accuracy"] == pytest.approx((1.0 + 0.3 + 0 + 1.0 + 1.0) / 5)
-    assert metrics["share_correct"] == pytest.approx(4 / 5)
     assert metrics["best_of_group_accuracy"] == 1.0
     assert metrics["beam_top1_accuracy"] == 1.0
     assert metrics["share_non_flat_groups"] == 0.5  # query 7 is all 1.0
     assert metrics["mean_group_reward_std"] == pytest.approx(statistics.pstdev([1.0, 0.3, 0.0]) / 2, abs=1e-6)
-    assert metrics["by_label"]["sample@1.3"] == {"candidates": 1, "accuracy": 0.0, "share_correct": 0.0}
-    assert metrics["duplicates_dropped_total"] == 3
+    assert len(metrics) <= 10, "the headline stays small enough for `dvc exp show`"
+    meta = {"counts": {"duplicates_dropped": {"beam": 0, "sample": 2, "random": 1}}}
+    breakdown = compute_breakdown(good, meta)
+    assert breakdown["candidates_per_query"] == {"mean": 2.5, "min": 2, "max": 3}
+    assert breakdown["share_correct"] == pytest.approx(4 / 5)
+    assert breakdown["by_label"]["sample@1.3"] == {"candidates": 1, "accuracy": 0.0, "share_correct": 0.0}
+    assert breakdown["duplicates_dropped"] == {"beam": 0, "random": 1, "sample": 2}
 
 
 def test_plot_data_and_files(good, tmp_path):

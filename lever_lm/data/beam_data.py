@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lever_lm.io import atomic_output
+from lever_lm.io import atomic_output, read_json
 from lever_lm.errors import InputError
 
 
@@ -34,9 +34,9 @@ class BeamData:
 def load_beam_data(path: str | Path, num_items: int) -> BeamData:
     """Read and check a beam data file against a data set of `num_items` rows."""
     path = Path(path)
-    raw = _read_json(path)
-    if not isinstance(raw, dict):
-        raise InputError(path, f"expected a JSON object keyed by query index, found {type(raw).__name__}")
+    if not path.is_file():
+        raise InputError(path, "beam data file not found")
+    raw = read_json(path, unique_keys=True)
     if not raw:
         raise InputError(path, "no queries in the beam data")
     query_ids: list[int] = []
@@ -67,32 +67,8 @@ def save_beam_data(data: dict, path: str | Path) -> None:
         tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        raise InputError(path, "beam data file not found")
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle, object_pairs_hook=_no_duplicate_keys(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(path, f"not valid JSON: {error}") from None
-
-
-def _no_duplicate_keys(path: Path):
-    """A JSON object hook that refuses repeated keys (json.load would silently keep the last)."""
-
-    def hook(pairs: list[tuple[str, object]]) -> dict:
-        result = {}
-        for key, value in pairs:
-            if key in result:
-                raise InputError(path, f"key {key!r} appears twice")
-            result[key] = value
-        return result
-
-    return hook
-
-
 def _query_id(key: str, path: Path, num_items: int) -> int:
-    if not key.isdigit() or str(int(key)) != key:
+    if not (key.isascii() and key.isdigit()) or str(int(key)) != key:
         raise InputError(path, f"key {key!r} is not a query index (a non-negative integer written plainly)")
     query_id = int(key)
     if query_id >= num_items:

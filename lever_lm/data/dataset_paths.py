@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lever_lm.config import config_section, load_config
+from lever_lm.data.vqa import VQADataset
 from lever_lm.errors import InputError
 
 FIELDS = ("train_ques_path", "train_ann_path", "train_image_root")
@@ -42,6 +43,10 @@ class DatasetPaths:
     train_ques_path: Path
     train_ann_path: Path
     train_image_root: Path
+
+    def load(self) -> VQADataset:
+        """The training split these paths name, read and checked."""
+        return VQADataset.load(self.train_ques_path, self.train_ann_path, self.train_image_root)
 
 
 def resolve_dataset_paths(

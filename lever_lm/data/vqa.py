@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from lever_lm.errors import InputError
+from lever_lm.io import read_json
 
 # A COCO split name as used in image file names: train2014, val2014, test2015, ...
 _SUBTYPE_PATTERN = re.compile(r"^[a-z]+\d{4}$")
@@ -75,7 +76,7 @@ class VQADataset:
     ) -> VQADataset:
         """Read and join both files; fail on anything malformed before any image is touched."""
         questions_path, annotations_path, image_root = Path(questions_path), Path(annotations_path), Path(image_root)
-        questions_file = read_json_object(questions_path)
+        questions_file = read_json(questions_path)
         questions = _records(questions_file, "questions", questions_path)
         annotations = load_annotations(annotations_path)
         subtype = _image_subtype(questions_file, questions_path, image_root)
@@ -152,7 +153,7 @@ def read_rgb_image(path: Path) -> Image.Image:
 def load_annotations(path: str | Path) -> dict[int, dict]:
     """question_id -> annotation record of an official annotations file (for scoring queries)."""
     path = Path(path)
-    records = _records(read_json_object(path), "annotations", path)
+    records = _records(read_json(path), "annotations", path)
     by_question: dict[int, dict] = {}
     for record in records:
         question_id = _int_field(record, "question_id", path)
@@ -169,19 +170,6 @@ def icd_answer(annotation: dict, raw_answers: tuple[str, ...]) -> str:
         return chosen
     counts = Counter(raw_answers)
     return max(counts, key=counts.__getitem__)  # Counter keeps first-seen order; max keeps the first tie
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        with path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(path, f"not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise InputError(path, f"expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def _records(data: dict, key: str, path: Path) -> list[dict]:

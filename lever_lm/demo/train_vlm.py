@@ -11,7 +11,7 @@ way) on the demo TRAINING split, in two phases:
    them; trained on its own it learns colours, sides and shapes in seconds.
 2. Few-shot answering, in exactly the prompt format the RL generator scores with. The vision
    tower is frozen (its features are computed once per image); the language model learns to
-   answer. A prompt is built by `lever_lm.rl.generate.build_prompt` (ICDs with their
+   answer. A prompt is built by `lever_lm.vqa.prompts.build_prompt` (ICDs with their
    `icd_answer`, then the query), rendered by `lever_lm.vqa.prompts.chat_messages` with the chat
    template and settings of `lever_lm.vqa.model_config`, and its images go through the model's own
    image processor -- what the backend does -- so train and inference prompts cannot drift apart
@@ -65,7 +65,7 @@ from lever_lm.data.vqa import VQADataset
 from lever_lm.errors import InputError, exit_on_input_error
 from lever_lm.vqa.images import read_rgb
 from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
-from lever_lm.vqa.prompts import FewShotPrompt, chat_messages, fill
+from lever_lm.vqa.prompts import FewShotPrompt, build_prompt, chat_messages, fill
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,6 @@ class IcdSampler:
 
 def training_prompt(dataset: VQADataset, query: int, icds: Sequence[int]) -> FewShotPrompt:
     """The generator's prompt of this query and ICD sequence (the same function builds both)."""
-    from lever_lm.rl.generate import build_prompt
-
     return build_prompt(dataset, query, icds)
 
 

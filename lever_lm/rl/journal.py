@@ -1,122 +1,292 @@
-"""The append-only JSONL journal that makes RL data generation resumable (SPEC §5, Checkpointing).
+"""The append-only JSONL journal that makes RL data generation resumable (docs/formats.md §6).
 
-One line per finished query: `{"query_idx": int, "entry": {...}, "stats": {...}}`, written,
-flushed and fsynced before the next query is journaled, so a `kill -9` loses at most the work in
-flight. Journals live in a directory keyed by a *fingerprint* of everything that shapes the result
-(settings, input files, model, prompt): `<journal_dir>/<fingerprint>/shard-<i>-of-<n>.jsonl`, with
-`settings.json` beside it saying what the fingerprint stands for. A run with other settings gets its
-own directory while older progress stays resumable; switching back resumes it.
+A journal file belongs to one shard of one *fingerprint* (a hash of everything that shapes the
+result): `<journal_dir>/<fingerprint>/shard-<i>-of-<n>.jsonl`, with `settings.json` beside it
+saying what the fingerprint stands for. Its first line is a header naming the fingerprint, the
+shard and the settings; every further line is one finished query:
+
+    {"journal": "lever_lm.rl", "version": 2, "fingerprint": "...", "shard": [i, n],
+     "rules": {"shot_num": 2, "num_items": 9009}, "settings": {...}, "queries": [the shard's query rows]}
+    {"query_idx": 12, "attempt": 0, "entry": {...}, "stats": {...}, "sha256": "<16 hex>"}
+
+Each line is written, flushed and fsynced before the next query is journaled, so a `kill -9`
+loses at most the work in flight. `sha256` is a checksum of the line's other bytes, so an edit or
+a flipped byte inside a string is caught, not used.
+
+Nothing read back is trusted. On open, every line is checked: the header must be this run's (a
+journal copied from other settings is refused), each record must be one of the shard's queries,
+follow the record schema (`lever_lm.rl.records`) and match its checksum. A query may appear again only
+as a later `attempt` of an incomplete result (a retried failed evaluation); the latest attempt
+counts. A torn last line (the process died mid-write) is truncated away; a bad line anywhere else
+is an error naming the file and line, with the way out: `python -m lever_lm.rl.journal repair
+FILE` drops the bad lines (their queries are recomputed), or delete the journal.
 
 A journal is opened under an exclusive, non-blocking `flock` on `<journal>.lock`: a second writer is
-refused, and the lock dies with its process (nothing stale to clean up after a crash). On open, a
-torn last line (the process died mid-write) is truncated away; a bad line anywhere else is
-corruption and an error.
+refused, and the lock dies with its process (nothing stale to clean up after a crash).
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lever_lm.errors import InputError
+from lever_lm.errors import InputError, exit_on_input_error
+from lever_lm.io import atomic_output
+from lever_lm.rl.fingerprints import fingerprint
+from lever_lm.rl.records import RecordRules, entry_problems, needs_retry, stats_problems
 
-FINGERPRINT_LENGTH = 16
-
-
-def fingerprint(settings: dict[str, Any]) -> str:
-    """A short stable hash of a JSON-serialisable settings dict (key order does not matter)."""
-    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:FINGERPRINT_LENGTH]
-
+FORMAT = "lever_lm.rl"
+VERSION = 2
+CHECKSUM_LENGTH = 16
 
 def shard_file_name(shard_id: int, num_shards: int) -> str:
     return f"shard-{shard_id}-of-{num_shards}.jsonl"
 
 
+@dataclass(frozen=True)
+class JournalSpec:
+    """What a journal file must be: whose settings, which shard and queries, what records look like."""
+
+    settings: dict
+    queries: tuple[int, ...]  # the shard's queries (all of them, whatever --limit says)
+    rules: RecordRules
+    shard_id: int = 0
+    num_shards: int = 1
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.settings)
+
+    @functools.cached_property
+    def query_set(self) -> frozenset[int]:
+        return frozenset(self.queries)
+
+    def header(self) -> dict:
+        return {
+            "journal": FORMAT,
+            "version": VERSION,
+            "fingerprint": self.fingerprint,
+            "shard": [self.shard_id, self.num_shards],
+            "rules": {"shot_num": self.rules.shot_num, "num_items": self.rules.num_items},
+            "settings": self.settings,
+            "queries": list(self.queries),
+        }
+
+    @classmethod
+    def from_header(cls, header: object) -> JournalSpec:
+        """The spec a header states (ValueError when it is not a header)."""
+        try:
+            assert isinstance(header, dict) and header.get("journal") == FORMAT
+            shard_id, num_shards = header["shard"]
+            rules = RecordRules(int(header["rules"]["shot_num"]), int(header["rules"]["num_items"]))
+            return cls(header["settings"], tuple(header["queries"]), rules, int(shard_id), int(num_shards))
+        except (AssertionError, KeyError, TypeError, ValueError):
+            raise ValueError("the first line is not a journal header") from None
+
+
+@dataclass
+class JournalIndex:
+    """The latest line of every query in a journal file."""
+
+    offsets: dict[int, int] = field(default_factory=dict)  # query_idx -> byte offset of its latest line
+    attempts: dict[int, int] = field(default_factory=dict)
+    incomplete: set[int] = field(default_factory=set)  # latest attempt still holds failures
+    good_end: int = 0  # bytes of complete, valid lines (a torn tail starts here)
+
+
 class Journal:
     """An open, locked journal file of one shard of one fingerprint."""
 
-    def __init__(self, path: Path, lock_handle: IO[str], handle: IO[bytes], offsets: dict[int, int]):
+    def __init__(self, path: Path, spec: JournalSpec, lock_handle: IO[str], handle: IO[bytes], index: JournalIndex):
         self.path = path
+        self.spec = spec
         self._lock_handle = lock_handle
         self._handle = handle
-        self._offsets = offsets  # query_idx -> byte offset of its line
+        self._index = index
 
     @classmethod
-    def open(cls, directory: Path, shard_id: int = 0, num_shards: int = 1, settings: dict | None = None) -> "Journal":
-        """Open (creating if needed) and lock the shard's journal; repair a torn last line."""
+    def open(cls, directory: Path, spec: JournalSpec) -> Journal:
+        """Open (creating if needed) and lock the shard's journal; check every line; drop a torn tail."""
         directory.mkdir(parents=True, exist_ok=True)
-        if settings is not None:
-            _write_settings(directory, settings)
-        path = directory / shard_file_name(shard_id, num_shards)
+        _write_settings(directory, spec.settings)
+        path = directory / shard_file_name(spec.shard_id, spec.num_shards)
         lock_handle = _acquire_lock(path.with_suffix(".lock"))
         try:
-            offsets = _repair_and_index(path)
+            index = read_index(path, spec) if path.exists() else JournalIndex()
+            _truncate_torn_tail(path, index)
             handle = open(path, "ab")
+            if index.good_end == 0:
+                _write_line(handle, json.dumps(spec.header(), ensure_ascii=False, separators=(",", ":")))
         except BaseException:
             lock_handle.close()
             raise
-        return cls(path, lock_handle, handle, offsets)
+        return cls(path, spec, lock_handle, handle, index)
 
     def done(self) -> set[int]:
-        """Query indices already journaled."""
-        return set(self._offsets)
+        """Queries whose latest result is final (no failed evaluation to retry)."""
+        return set(self._index.offsets) - self._index.incomplete
+
+    def incomplete(self) -> set[int]:
+        """Queries journaled with failed evaluations: a new run retries them."""
+        return set(self._index.incomplete)
 
     def append(self, query_idx: int, entry: dict, stats: dict | None = None) -> None:
-        """Journal one finished query durably (write, flush, fsync)."""
-        if query_idx in self._offsets:
-            raise ValueError(f"query {query_idx} is already in {self.path}")
-        record = {"query_idx": query_idx, "entry": entry, "stats": stats or {}}
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        """Journal one finished query durably (write, flush, fsync): a first result or a retry."""
+        if query_idx in self.done():
+            raise ValueError(f"query {query_idx} is already final in {self.path}")
+        attempt = self._index.attempts.get(query_idx, -1) + 1
+        record = {"query_idx": query_idx, "attempt": attempt, "entry": entry, "stats": stats or {}}
         offset = self._handle.tell()
-        self._handle.write(line)
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._offsets[query_idx] = offset
+        _write_line(self._handle, record_line(record))
+        self._index.offsets[query_idx] = offset
+        self._index.attempts[query_idx] = attempt
+        if needs_retry(entry, record["stats"]):
+            self._index.incomplete.add(query_idx)
+        else:
+            self._index.incomplete.discard(query_idx)
 
     def close(self) -> None:
-        self._handle.close()
-        self._lock_handle.close()  # releases the flock
+        try:
+            self._handle.close()
+        finally:
+            self._lock_handle.close()  # releases the flock, even when the last flush failed
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def read_records(path: Path) -> Iterator[dict]:
-    """Every complete record of a journal file, in file order (a torn last line is skipped)."""
+def record_line(record: dict) -> str:
+    """A record as one journal line: its JSON with a checksum of that JSON appended."""
+    body = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    checksum = hashlib.sha256(body.encode("utf-8")).hexdigest()[:CHECKSUM_LENGTH]
+    return f'{body[:-1]},"sha256":"{checksum}"}}'
+
+
+def parse_record(line: bytes) -> dict:
+    """A record line parsed and its checksum verified; ValueError saying what is wrong otherwise."""
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    checksum = record.pop("sha256", None)
+    body = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    if checksum != hashlib.sha256(body.encode("utf-8")).hexdigest()[:CHECKSUM_LENGTH]:
+        raise ValueError("checksum mismatch (the line was edited or damaged)")
+    query_idx, attempt = record.get("query_idx"), record.get("attempt")
+    for name, value in (("query_idx", query_idx), ("attempt", attempt)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"'{name}' must be a non-negative integer, found {value!r}")
+    if not isinstance(record.get("entry"), dict) or not isinstance(record.get("stats"), dict):
+        raise ValueError("'entry' and 'stats' must be objects")
+    return record
+
+
+def read_index(path: Path, spec: JournalSpec) -> JournalIndex:
+    """Check a journal file line by line against `spec`; index the latest line of every query.
+
+    A torn (unterminated) last line is left out of the index (`good_end` stops before it); any
+    other bad line is an InputError naming the file, the line and the fix.
+    """
+    index = JournalIndex()
     with open(path, "rb") as handle:
-        for line in handle:
-            if not line.endswith(b"\n"):
-                return
-            yield json.loads(line)
+        lines = handle.readlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.endswith(b"\n"):
+            if number == len(lines):
+                break  # torn by a crash mid-write
+            raise _corrupt(path, number, "unterminated line")
+        try:
+            if number == 1:
+                _check_header(line, spec)
+            else:
+                _index_record(parse_record(line), index, index.good_end, spec)
+        except ValueError as error:
+            raise _corrupt(path, number, str(error)) from None
+        except ForeignJournal as error:
+            raise InputError(
+                path, f"{error}; it cannot be used for this run: delete it or use another --journal_dir"
+            ) from None
+        index.good_end += len(line)
+    return index
 
 
-def index_records(path: Path) -> dict[int, int]:
-    """query_idx -> byte offset of its line, for reading entries back in any order."""
-    offsets: dict[int, int] = {}
-    offset = 0
-    with open(path, "rb") as handle:
-        for line in handle:
-            if not line.endswith(b"\n"):
-                break
-            offsets[json.loads(line)["query_idx"]] = offset
-            offset += len(line)
-    return offsets
+class ForeignJournal(Exception):
+    """The journal's header names other settings or another shard."""
 
 
-def read_record_at(handle: IO[bytes], offset: int) -> dict:
+def _check_header(line: bytes, spec: JournalSpec) -> None:
+    try:
+        header = json.loads(line)
+    except ValueError:
+        raise ValueError("the first line is not a journal header") from None
+    if not isinstance(header, dict) or header.get("journal") != FORMAT:
+        raise ValueError("the first line is not a journal header")
+    if header.get("version") != VERSION:
+        raise ForeignJournal(f"journal format version {header.get('version')!r}, this program writes {VERSION}")
+    if header.get("fingerprint") != spec.fingerprint or header.get("settings") != spec.settings:
+        raise ForeignJournal(f"the journal was written with other settings (fingerprint {header.get('fingerprint')})")
+    if header != spec.header():
+        raise ForeignJournal(f"the journal belongs to another shard or query list (shard {header.get('shard')})")
+
+
+def _index_record(record: dict, index: JournalIndex, offset: int, spec: JournalSpec) -> None:
+    query_idx, attempt = record["query_idx"], record["attempt"]
+    if query_idx in index.offsets:
+        if query_idx not in index.incomplete:
+            raise ValueError(f"query {query_idx} appears twice")
+        if attempt != index.attempts[query_idx] + 1:
+            raise ValueError(f"query {query_idx}: attempt {attempt} follows attempt {index.attempts[query_idx]}")
+    elif attempt != 0:
+        raise ValueError(f"query {query_idx}: attempt {attempt} without the earlier ones")
+    if query_idx not in spec.query_set:
+        raise ValueError(f"query {query_idx} is not one of this shard's queries")
+    problems = [*entry_problems(query_idx, record["entry"], spec.rules), *stats_problems(record["stats"])]
+    if problems:
+        raise ValueError("; ".join(problems[:3]))
+    index.offsets[query_idx] = offset
+    index.attempts[query_idx] = attempt
+    if needs_retry(record["entry"], record["stats"]):
+        index.incomplete.add(query_idx)
+    else:
+        index.incomplete.discard(query_idx)
+
+
+def _corrupt(path: Path, number: int, problem: str) -> InputError:
+    return InputError(
+        path,
+        f"line {number} is corrupt ({problem}); drop the bad lines with "
+        f"`python -m lever_lm.rl.journal repair {path}` (their queries are recomputed), or delete the journal",
+    )
+
+
+def read_entry(handle: IO[bytes], offset: int) -> dict:
+    """The record at `offset` of an indexed (hence checked) journal file."""
     handle.seek(offset)
-    return json.loads(handle.readline())
+    return parse_record(handle.readline())
+
+
+def _write_line(handle: IO[bytes], text: str) -> None:
+    handle.write((text + "\n").encode("utf-8"))
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _truncate_torn_tail(path: Path, index: JournalIndex) -> None:
+    if path.exists() and index.good_end < path.stat().st_size:
+        with open(path, "r+b") as handle:
+            handle.truncate(index.good_end)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _acquire_lock(lock_path: Path) -> IO[str]:
@@ -138,68 +308,86 @@ def _acquire_lock(lock_path: Path) -> IO[str]:
     return handle
 
 
-def _repair_and_index(path: Path) -> dict[int, int]:
-    """Index complete lines; truncate a torn (unterminated or unparsable) LAST line."""
-    offsets: dict[int, int] = {}
-    if not path.exists():
-        return offsets
-    good_end = 0
-    with open(path, "rb") as handle:
-        lines = handle.readlines()
-    for number, line in enumerate(lines):
-        is_last = number == len(lines) - 1
-        try:
-            if not line.endswith(b"\n"):
-                raise ValueError("unterminated line")
-            record = json.loads(line)
-            query_idx = int(record["query_idx"])
-            record["entry"]
-        except (ValueError, KeyError, TypeError) as error:
-            if is_last:
-                break
-            raise InputError(path, f"line {number + 1} is corrupt ({error}); delete the journal to start over") from None
-        offsets[query_idx] = good_end
-        good_end += len(line)
-    if good_end < path.stat().st_size:
-        with open(path, "r+b") as handle:
-            handle.truncate(good_end)
-            handle.flush()
-            os.fsync(handle.fileno())
-    return offsets
-
-
 def _write_settings(directory: Path, settings: dict) -> None:
+    """`settings.json`, the readable copy of what the directory's fingerprint stands for."""
     path = directory / "settings.json"
     if path.exists():
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        try:
+            same = json.loads(path.read_text(encoding="utf-8")) == settings
+        except ValueError:
+            same = False
+        if same:
+            return
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-# -- maintenance: list and prune journal directories ------------------------------------------
+# -- maintenance: list, repair and prune journal directories ----------------------------------
+
+
+def summarise_file(path: Path) -> str:
+    """`N of M queries` for a readable shard journal, else where it is damaged (never raises)."""
+    try:
+        spec = _spec_of_file(path)
+        index = read_index(path, spec)
+    except InputError as error:
+        return f"corrupt: {error.problem.split(';')[0]}"
+    return f"{len(index.offsets)} of {len(spec.queries)} queries"
+
+
+def _spec_of_file(path: Path) -> JournalSpec:
+    """The spec a journal file's own header states; InputError when the header is damaged."""
+    with open(path, "rb") as handle:
+        first = handle.readline()
+    try:
+        return JournalSpec.from_header(json.loads(first))
+    except ValueError:
+        raise InputError(path, "line 1 is corrupt (no valid journal header)") from None
 
 
 def list_journals(journal_dir: Path) -> list[dict]:
-    """One summary per fingerprint directory: queries journaled per shard, last change."""
+    """One summary per fingerprint directory: what each shard file holds, last change."""
     summaries = []
     for directory in sorted(p for p in journal_dir.iterdir() if p.is_dir()) if journal_dir.is_dir() else []:
-        shards = {p.name: len(index_records(p)) for p in sorted(directory.glob("shard-*.jsonl"))}
+        shards = {p.name: summarise_file(p) for p in sorted(directory.glob("shard-*.jsonl"))}
         mtimes = [p.stat().st_mtime for p in directory.iterdir()]
         summaries.append({"fingerprint": directory.name, "shards": shards, "modified": max(mtimes, default=0.0)})
     return summaries
 
 
+def repair_file(path: Path) -> list[int]:
+    """Rewrite a shard journal without its bad lines (atomically); return the line numbers dropped.
+
+    Kept: the header and every record that parses, passes its checksum and follows the attempt
+    rules. A damaged header cannot be repaired (nothing says which settings the lines belong to).
+    """
+    spec = _spec_of_file(path)
+    with open(path, "rb") as handle:
+        lines = handle.readlines()
+    index, kept, dropped = JournalIndex(), [lines[0]], []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("unterminated line")
+            _index_record(parse_record(line), index, 0, spec)
+            kept.append(line)
+        except (ValueError, ForeignJournal):
+            dropped.append(number)
+    if dropped:
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(b"".join(kept))
+    return dropped
+
+
 def prune_journals(journal_dir: Path, keep: set[str]) -> list[str]:
     """Delete every fingerprint directory not in `keep` (and not locked by a running job)."""
     removed = []
-    for summary in list_journals(journal_dir):
-        name = summary["fingerprint"]
-        directory = journal_dir / name
-        if name in keep or _is_locked(directory):
+    directories = sorted(p for p in journal_dir.iterdir() if p.is_dir()) if journal_dir.is_dir() else []
+    for directory in directories:
+        if directory.name in keep or _is_locked(directory):
             continue
         shutil.rmtree(directory)
-        removed.append(name)
+        removed.append(directory.name)
     return removed
 
 
@@ -215,23 +403,32 @@ def _is_locked(directory: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m lever_lm.rl.journal list|prune JOURNAL_DIR [--keep FP ...]`."""
+    """`python -m lever_lm.rl.journal list DIR | repair FILE | prune DIR (--keep FP ... | --all)`."""
     import argparse
     import time
 
-    parser = argparse.ArgumentParser(description="List or prune RL generation journals.")
-    parser.add_argument("action", choices=["list", "prune"])
-    parser.add_argument("journal_dir", type=Path)
-    parser.add_argument("--keep", nargs="*", default=[], help="fingerprints to keep when pruning")
+    parser = argparse.ArgumentParser(description="List, repair or prune RL generation journals.")
+    parser.add_argument("action", choices=["list", "repair", "prune"])
+    parser.add_argument("path", type=Path, help="a journal directory (list, prune) or a shard .jsonl file (repair)")
+    parser.add_argument("--keep", nargs="+", default=[], help="prune: fingerprints to keep")
+    parser.add_argument("--all", action="store_true", help="prune: delete every journal not in use (no --keep)")
     args = parser.parse_args(argv)
-    if args.action == "list":
-        for summary in list_journals(args.journal_dir):
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary["modified"]))
-            shards = ", ".join(f"{k}: {v} queries" for k, v in summary["shards"].items()) or "empty"
-            print(f"{summary['fingerprint']}  {when}  {shards}")
-    else:
-        removed = prune_journals(args.journal_dir, set(args.keep))
-        print(f"removed {len(removed)} journal(s): {' '.join(removed) or '-'}", file=sys.stdout)
+    with exit_on_input_error():
+        if args.action == "list":
+            for summary in list_journals(args.path):
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary["modified"]))
+                shards = ", ".join(f"{k}: {v}" for k, v in summary["shards"].items()) or "empty"
+                print(f"{summary['fingerprint']}  {when}  {shards}")
+        elif args.action == "repair":
+            if not args.path.is_file():
+                raise InputError(args.path, "not a journal file (give the shard-*.jsonl file to repair)")
+            dropped = repair_file(args.path)
+            print(f"dropped {len(dropped)} bad line(s): {' '.join(map(str, dropped)) or '-'}")
+        else:
+            if not args.keep and not args.all:
+                raise InputError(None, "prune needs --keep FINGERPRINT ... or --all (deletes every journal)")
+            removed = prune_journals(args.path, set(args.keep))
+            print(f"removed {len(removed)} journal(s): {' '.join(removed) or '-'}", file=sys.stdout)
 
 
 if __name__ == "__main__":

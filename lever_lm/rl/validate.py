@@ -1,15 +1,25 @@
 """Validate a finished RL data file against its inputs, and summarise it as metrics and plots.
 
-The checks are the rules the GRPO trainer and the SPEC rely on: numeric keys in beam-data order,
-a non-empty first query, every candidate complete and typed, pointers of `shot_num` distinct
-in-range rows that never contain the query itself, scores in range and consistent
-(`vqa_correct == (vqa_acc_score > 0)`), no ordered sequence twice in a group, and the query set
-equal to the beam data's keys (or its first `limit` keys when the run was limited). Any violation
-is an `InputError` listing the first few problems, so a DVC stage fails on a corrupt file.
+The checks are the trainer's and the format's rules (`lever_lm.rl.records`: numeric keys in
+beam-data order, a non-empty first query, every candidate complete and typed, pointers of
+`shot_num` distinct in-range rows that never contain the query itself, consistent scores, no
+ordered sequence twice in a group), plus everything the inputs let us recompute:
 
-Metrics answer "is this data worth training on": accuracy by method and temperature, best-of-group
-and beam-top-1 accuracy, and above all the share of queries whose candidates' rewards are not all
-equal -- GRPO learns nothing from a flat group.
+* each query block against the data set and the scoring annotations (question id, image id,
+  question text, the human answers);
+* each candidate's answer from its raw generation (post-processing) and its accuracy from that
+  answer and the human answers, in the run's eval mode (from the meta sidecar);
+* methods, temperatures and per-method counts against the run's proposal settings;
+* no key written twice in the file (`json.load` would keep the last one silently);
+* the share of failed evaluations, at most `max_failed_share`.
+
+Any violation is an `InputError` listing the first few problems, so a DVC stage fails on a
+corrupt or hand-edited file.
+
+Metrics answer "is this data worth training on". `metrics.json` holds the headline numbers that
+`dvc exp show` compares (queries, candidates, accuracy, query-level, best-of-group and beam-top-1
+accuracy, the share of non-flat groups, the mean group std -- GRPO learns nothing from a flat
+group); the breakdowns by method and temperature go to a second file.
 """
 
 from __future__ import annotations
@@ -18,42 +28,42 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lever_lm.data.vqa import read_json_object
+from lever_lm.data.beam_data import load_beam_data
+from lever_lm.data.dataset_paths import DatasetPaths
+from lever_lm.data.vqa import VQADataset, load_annotations
 from lever_lm.errors import InputError
+from lever_lm.io import atomic_output, read_json
+from lever_lm.rl.output import meta_path_for
+from lever_lm.rl.records import ACCURACY_VALUES, RecordRules, entry_problems
+from lever_lm.vqa.metric import MODES, prepare_answers, score_prediction
+from lever_lm.vqa.postprocess import postprocess_generation
 
-GEN_METHODS = ("beam", "sample", "random", "retrieval")
-ACCURACY_VALUES = (0.0, 0.3, 0.6, 0.9, 1.0)
 MAX_LISTED_PROBLEMS = 10
-CANDIDATE_FIELDS = {
-    "pointer": list,
-    "gen_method": str,
-    "vqa_raw_generation": str,
-    "vqa_pred_answer": str,
-    "vqa_correct": int,
-    "vqa_acc_score": (int, float),
-    "eval_failed": bool,
-}
-OPTIONAL_NUMBER_FIELDS = ("beam_score", "logprob_score", "temperature")
+DEFAULT_MAX_FAILED_SHARE = 0.05
 # Within-group reward std lies in [0, 0.5]; flat groups (std 0) get a bin of their own.
 STD_BINS = [("flat", 0.0), ("0-0.1", 0.1), ("0.1-0.2", 0.2), ("0.2-0.3", 0.3), ("0.3-0.4", 0.4), ("0.4-0.5", 0.5)]
-QUERY_FIELDS = {"query_id": int, "question_id": int, "image_id": int, "question": str, "gt_answers_raw": list}
 
 
 @dataclass(frozen=True)
 class Expectations:
-    """What the inputs say the RL file must look like."""
+    """What the inputs say the RL file must look like; the optional parts enable deeper checks."""
 
-    query_order: list[int]  # beam-data keys (first `limit` of them when limited)
-    shot_num: int
-    num_items: int  # rows of the training split
+    query_order: list[int]  # beam-data keys (first `limit`, without unscorable queries)
+    rules: RecordRules
+    dataset: VQADataset | None = None  # query blocks are compared with it
+    answers: dict[int, tuple[str, ...]] = field(default_factory=dict)  # query -> scoring answers
+    eval_mode: str = "always"
+    proposal: dict | None = None  # the run's proposal settings (meta sidecar)
+    max_failed_share: float = 1.0
 
 
 def load_rl_data(path: Path) -> dict:
-    """The RL data file as a dict keyed by query id (missing, non-JSON or non-object: InputError)."""
-    return read_json_object(Path(path))
+    """The RL data file as a dict keyed by query id (missing, non-JSON, non-object or a repeated key: InputError)."""
+    return read_json(path, unique_keys=True)
 
 
 def validate_rl_data(path: Path, data: dict, expected: Expectations) -> None:
@@ -65,11 +75,11 @@ def validate_rl_data(path: Path, data: dict, expected: Expectations) -> None:
         raise InputError(path, f"{len(problems)} problem(s): {listed}{more}")
 
 
-def _problems(data: dict, expected: Expectations):
+def _problems(data: dict, expected: Expectations) -> Iterator[str]:
     keys = list(data)
-    non_numeric = [k for k in keys if not k.isdigit()]
-    if non_numeric:
-        yield f"non-numeric keys {non_numeric[:3]} (the trainer needs numeric query ids; metadata belongs in the sidecar)"
+    bad_keys = [k for k in keys if not (k.isascii() and k.isdigit()) or str(int(k)) != k]
+    if bad_keys:
+        yield f"keys that are not query indices {bad_keys[:3]} (the trainer needs numeric ids; metadata belongs in the sidecar)"
         return
     order = [int(k) for k in keys]
     if order != expected.query_order:
@@ -77,120 +87,110 @@ def _problems(data: dict, expected: Expectations):
         extra = sorted(set(order) - set(expected.query_order))
         what = f"missing {missing[:5]}" if missing else f"unexpected {extra[:5]}" if extra else "order differs"
         yield f"query set is not the beam data's keys in order ({what})"
-    if keys and not _candidates(data[keys[0]]):
-        yield f"the first query ({keys[0]}) has no candidates (the trainer requires at least one)"
     for key in keys:
-        yield from _entry_problems(int(key), data[key], expected)
+        schema = list(entry_problems(int(key), data[key], expected.rules))
+        yield from schema if schema else _recomputed_problems(int(key), data[key], expected)
+    yield from _failed_share_problems(data, expected)
 
 
-def _candidates(entry) -> list:
-    return entry.get("pointer_candidates") or [] if isinstance(entry, dict) else []
-
-
-def _entry_problems(query_idx: int, entry, expected: Expectations):
+def _recomputed_problems(query_idx: int, entry: dict, expected: Expectations) -> Iterator[str]:
+    """What the inputs let us recompute: the query block, each answer and score, the methods."""
     where = f"query {query_idx}"
-    if not isinstance(entry, dict) or not isinstance(entry.get("pointer_candidates"), list):
-        yield f"{where}: entry must be an object with a 'pointer_candidates' list"
-        return
-    query = entry.get("query")
-    if not isinstance(query, dict):
-        yield f"{where}: missing the 'query' object"
-    else:
-        for name, kind in QUERY_FIELDS.items():
-            if not isinstance(query.get(name), kind) or isinstance(query.get(name), bool):
-                yield f"{where}: query.{name} missing or not {kind.__name__}"
-        if query.get("query_id") != query_idx:
-            yield f"{where}: query.query_id is {query.get('query_id')!r}"
-    seen = set()
-    for n, candidate in enumerate(entry["pointer_candidates"]):
-        yield from (f"{where}, candidate {n}: {p}" for p in _candidate_problems(query_idx, candidate, expected))
-        pointer = tuple(candidate.get("pointer") or ()) if isinstance(candidate, dict) else ()
-        if pointer in seen:
-            yield f"{where}, candidate {n}: pointer {list(pointer)} appears twice"
-        seen.add(pointer)
+    query = entry["query"]
+    if expected.dataset is not None:
+        item = expected.dataset[query_idx]
+        for name, value in (("question_id", item.question_id), ("image_id", item.image_id), ("question", item.question)):
+            if query[name] != value:
+                yield f"{where}: query.{name} is {query[name]!r}, the data set says {value!r}"
+    answers = expected.answers.get(query_idx)
+    if answers is not None and list(answers) != query["gt_answers_raw"]:
+        yield f"{where}: query.gt_answers_raw differ from the annotations"
+    prepared = prepare_answers(list(answers if answers is not None else query["gt_answers_raw"]), expected.eval_mode)
+    for n, c in enumerate(entry["pointer_candidates"]):
+        if c["eval_failed"]:
+            continue
+        if c["vqa_pred_answer"] != postprocess_generation(c["vqa_raw_generation"]):
+            yield f"{where}, candidate {n}: vqa_pred_answer is not the post-processed vqa_raw_generation"
+        accuracy = score_prediction(c["vqa_pred_answer"], prepared)
+        if abs(accuracy - c["vqa_acc_score"]) > 1e-9:
+            yield f"{where}, candidate {n}: vqa_acc_score {c['vqa_acc_score']} but its answer scores {accuracy}"
+    if expected.proposal is not None:
+        yield from (f"{where}: {p}" for p in _method_count_problems(entry["pointer_candidates"], expected.proposal))
 
 
-def _candidate_problems(query_idx: int, c, expected: Expectations):
-    if not isinstance(c, dict):
-        yield "not an object"
-        return
-    for name, kind in CANDIDATE_FIELDS.items():
-        value = c.get(name)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            yield f"{name} missing or of the wrong type"
-            return
-    for name in OPTIONAL_NUMBER_FIELDS:
-        value = c.get(name)
-        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
-            yield f"{name} must be a finite number or null"
-    pointer = c["pointer"]
-    if len(pointer) != expected.shot_num:
-        yield f"pointer {pointer} has {len(pointer)} ids, expected shot_num = {expected.shot_num}"
-    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < expected.num_items for i in pointer):
-        yield f"pointer {pointer} has ids outside 0..{expected.num_items - 1}"
-    if query_idx in pointer:
-        yield f"pointer {pointer} contains the query itself"
-    if len(set(pointer)) != len(pointer):
-        yield f"pointer {pointer} repeats an id"
-    method = c["gen_method"]
-    if method not in GEN_METHODS:
-        yield f"gen_method {method!r} is not one of {', '.join(GEN_METHODS)}"
-    if method == "beam" and not isinstance(c.get("beam_rank"), int):
-        yield "a beam candidate needs an integer beam_rank"
-    if method == "sample" and not (isinstance(c.get("temperature"), (int, float)) and c["temperature"] > 0):
-        yield "a sample candidate needs a temperature > 0"
-    acc = c["vqa_acc_score"]
-    if not any(abs(acc - v) < 1e-6 for v in ACCURACY_VALUES):
-        yield f"vqa_acc_score {acc} is not one of {ACCURACY_VALUES}"
-    if c["vqa_correct"] != (1 if acc > 0 else 0):
-        yield f"vqa_correct {c['vqa_correct']} disagrees with vqa_acc_score {acc}"
-    if c["eval_failed"] and acc != 0:
-        yield "a failed evaluation must score 0"
+def _method_count_problems(candidates: list[dict], proposal: dict) -> Iterator[str]:
+    temps = [float(t) for t in proposal.get("temps", [])]
+    allowed = {
+        "beam": proposal.get("num_beams", 0),
+        "random": proposal.get("num_random", 0),
+        "retrieval": proposal.get("num_retrieval", 0),
+        **{f"sample@{t:g}": proposal.get("num_samples_per_temp", 0) for t in temps},
+    }
+    counts: dict[str, int] = defaultdict(int)
+    for c in candidates:
+        counts[method_label(c)] += 1
+    for label, n in sorted(counts.items()):
+        if label not in allowed or n > allowed[label]:
+            yield f"{n} '{label}' candidates, the run's settings allow {allowed.get(label, 0)}"
+
+
+def _failed_share_problems(data: dict, expected: Expectations) -> Iterator[str]:
+    candidates = [c for e in data.values() if isinstance(e, dict) for c in e.get("pointer_candidates") or []]
+    failed = sum(1 for c in candidates if isinstance(c, dict) and c.get("eval_failed") is True)
+    if candidates and failed / len(candidates) > expected.max_failed_share:
+        yield (
+            f"{failed} of {len(candidates)} evaluations failed ({failed / len(candidates):.1%}), more than "
+            f"max_failed_share {expected.max_failed_share:.1%}: fix the cause (see eval_error) and rerun; "
+            "the failed ones are retried"
+        )
 
 
 # -- metrics --------------------------------------------------------------------------------------
 
 
 def method_label(candidate: dict) -> str:
-    """`beam`, `random`, or `sample@T` -- the groups the metrics and plots compare."""
+    """`beam`, `random`, `retrieval`, or `sample@T` -- the groups the metrics and plots compare."""
     if candidate["gen_method"] == "sample":
         return f"sample@{candidate['temperature']:g}"
     return candidate["gen_method"]
 
 
-def compute_metrics(data: dict, meta: dict | None = None) -> dict:
-    """The numbers `dvc metrics show` / `dvc exp show` compare (all plain floats and ints)."""
-    groups = [[c for c in entry["pointer_candidates"]] for entry in data.values()]
-    rewards = [[c["vqa_acc_score"] for c in g] for g in groups]
-    sizes = [len(g) for g in groups]
-    all_candidates = [c for g in groups for c in g]
-    non_empty = [r for r in rewards if r]
-    metrics = {
-        "queries": len(groups),
+def compute_metrics(data: dict) -> dict:
+    """The headline numbers that `dvc exp show` compares (plain floats and ints)."""
+    rewards = [[c["vqa_acc_score"] for c in entry["pointer_candidates"]] for entry in data.values()]
+    rewards = [r for r in rewards if r]
+    all_candidates = [c for entry in data.values() for c in entry["pointer_candidates"]]
+    return {
+        "queries": len(data),
         "candidates": len(all_candidates),
-        "candidates_per_query": {
-            "mean": _mean(sizes),
-            "min": min(sizes, default=0),
-            "max": max(sizes, default=0),
-        },
         "failed_evaluations": sum(1 for c in all_candidates if c["eval_failed"]),
-        "accuracy": _mean([c["vqa_acc_score"] for c in all_candidates]),
-        "share_correct": _mean([c["vqa_correct"] for c in all_candidates]),
-        "query_accuracy": _mean([_mean(r) for r in non_empty]),
-        "best_of_group_accuracy": _mean([max(r) for r in non_empty]),
+        "accuracy": _mean(c["vqa_acc_score"] for c in all_candidates),
+        "query_accuracy": _mean(_mean(r) for r in rewards),
+        "best_of_group_accuracy": _mean(max(r) for r in rewards),
         "beam_top1_accuracy": _mean(
-            [c["vqa_acc_score"] for c in all_candidates if c["gen_method"] == "beam" and c.get("beam_rank") == 0]
+            c["vqa_acc_score"] for c in all_candidates if c["gen_method"] == "beam" and c.get("beam_rank") == 0
         ),
-        "share_non_flat_groups": _mean([1.0 if len(set(r)) > 1 else 0.0 for r in non_empty]),
-        "mean_group_reward_std": _mean([statistics.pstdev(r) for r in non_empty]),
+        "share_non_flat_groups": _mean(1.0 if len(set(r)) > 1 else 0.0 for r in rewards),
+        "mean_group_reward_std": _mean(statistics.pstdev(r) for r in rewards),
+    }
+
+
+def compute_breakdown(data: dict, meta: dict | None = None) -> dict:
+    """The detail behind the headline: per method and temperature, group sizes, duplicates dropped."""
+    all_candidates = [c for entry in data.values() for c in entry["pointer_candidates"]]
+    sizes = [len(entry["pointer_candidates"]) for entry in data.values()]
+    breakdown = {
+        "candidates_per_query": {"mean": _mean(sizes), "min": min(sizes, default=0), "max": max(sizes, default=0)},
+        "share_correct": _mean(c["vqa_correct"] for c in all_candidates),
         "by_method": _by_label(all_candidates, lambda c: c["gen_method"]),
         "by_label": _by_label(all_candidates, method_label),
     }
-    duplicates = ((meta or {}).get("counts") or {}).get("duplicates_dropped")
-    if duplicates is not None:
-        metrics["duplicates_dropped"] = {m: duplicates.get(m, 0) for m in sorted(duplicates)}
-        metrics["duplicates_dropped_total"] = sum(duplicates.values())
-    return metrics
+    counts = (meta or {}).get("counts") or {}
+    if "duplicates_dropped" in counts:
+        breakdown["duplicates_dropped"] = dict(sorted(counts["duplicates_dropped"].items()))
+    if counts.get("unscorable_queries"):
+        breakdown["unscorable_queries"] = len(counts["unscorable_queries"])
+    return breakdown
 
 
 def _by_label(candidates: list[dict], label) -> dict:
@@ -200,8 +200,8 @@ def _by_label(candidates: list[dict], label) -> dict:
     return {
         name: {
             "candidates": len(items),
-            "accuracy": _mean([c["vqa_acc_score"] for c in items]),
-            "share_correct": _mean([c["vqa_correct"] for c in items]),
+            "accuracy": _mean(c["vqa_acc_score"] for c in items),
+            "share_correct": _mean(c["vqa_correct"] for c in items),
         }
         for name, items in sorted(buckets.items())
     }
@@ -252,15 +252,13 @@ def write_plots(plots: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, rows in plots.items():
-        path = out_dir / f"{name}.csv"
-        with open(path, "w", newline="", encoding="utf-8") as handle:
+        with atomic_output(out_dir / f"{name}.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["empty"])
             writer.writeheader()
             writer.writerows(rows)
-        written.append(path)
+        written.append(out_dir / f"{name}.csv")
 
     rows = plots["reward_distribution"]
     labels = sorted({r["method"] for r in rows})
@@ -291,7 +289,8 @@ def write_plots(plots: dict[str, list[dict]], out_dir: Path) -> list[Path]:
 def _save(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    figure.savefig(path, dpi=100, metadata={"Software": None})
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(figure)
     return path
 
@@ -299,32 +298,70 @@ def _save(figure, path: Path) -> Path:
 # -- the stage ------------------------------------------------------------------------------------
 
 
-def run_validation(
-    rl_path: Path, beam_data_path: Path, dataset_paths, metrics_path: Path, plots_dir: Path
-) -> dict:
-    """Check the RL file against its inputs, then write metrics JSON and plots; return the metrics."""
-    from lever_lm.data.beam_data import load_beam_data
-    from lever_lm.data.vqa import VQADataset
-    from lever_lm.rl.output import meta_path_for
+@dataclass(frozen=True)
+class ValidationOutputs:
+    metrics: Path
+    breakdown: Path
+    plots: Path
 
-    dataset = VQADataset.load(dataset_paths.train_ques_path, dataset_paths.train_ann_path, dataset_paths.train_image_root)
+
+def run_validation(
+    rl_path: Path,
+    beam_data_path: Path,
+    dataset_paths: DatasetPaths,
+    outputs: ValidationOutputs,
+    val_ann_path: Path | None = None,
+    max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
+) -> dict:
+    """Check the RL file against its inputs, then write metrics, the breakdown and plots; return the metrics."""
+    dataset = dataset_paths.load()
     beam = load_beam_data(beam_data_path, len(dataset))
     meta_path = meta_path_for(rl_path)
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
-    limit = ((meta or {}).get("run") or {}).get("limit")
-    shot_num = (((meta or {}).get("settings") or {}).get("proposal") or {}).get("shot_num") or beam.shot_num
-    expected = Expectations(beam.query_ids[:limit] if limit else list(beam.query_ids), shot_num, len(dataset))
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    expected = expectations_for(dataset, beam.query_ids, beam.shot_num, meta, val_ann_path, max_failed_share)
     data = load_rl_data(rl_path)
     validate_rl_data(rl_path, data, expected)
-    metrics = compute_metrics(data, meta)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    write_plots(plot_data(data), plots_dir)
+    metrics = compute_metrics(data)
+    _write_json(outputs.metrics, metrics)
+    _write_json(outputs.breakdown, compute_breakdown(data, meta))
+    write_plots(plot_data(data), outputs.plots)
     return metrics
 
 
+def expectations_for(
+    dataset: VQADataset,
+    beam_queries: list[int],
+    beam_shot_num: int,
+    meta: dict,
+    val_ann_path: Path | None,
+    max_failed_share: float,
+) -> Expectations:
+    """What the file must hold, from the inputs and the run's meta sidecar (when there is one)."""
+    run, settings = meta.get("run") or {}, meta.get("settings") or {}
+    limit = run.get("limit")
+    unscorable = {int(q) for q in ((meta.get("counts") or {}).get("unscorable_queries") or {})}
+    order = [q for q in (beam_queries[:limit] if limit else beam_queries) if q not in unscorable]
+    proposal = settings.get("proposal")
+    shot_num = (proposal or {}).get("shot_num") or beam_shot_num
+    eval_mode = settings.get("eval_mode", "always")
+    if eval_mode not in MODES:
+        raise InputError(None, f"the meta sidecar names an unknown eval_mode {eval_mode!r}")
+    val = load_annotations(val_ann_path) if val_ann_path else {}
+    answers = {}
+    for q in order:
+        record = val.get(dataset[q].question_id)
+        answers[q] = tuple(str(a["answer"]) for a in record["answers"]) if record else dataset[q].answers
+    rules = RecordRules(shot_num, len(dataset))
+    return Expectations(order, rules, dataset, answers, eval_mode, proposal, max_failed_share)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m lever_lm.rl.validate --rl_data RL.json --beam_data B.json --train_* ... --metrics M.json --plots DIR`."""
+    """`python -m lever_lm.rl.validate --rl_data RL.json --beam_data B.json --train_* ... --metrics M.json ...`."""
     import argparse
 
     from lever_lm.data.dataset_paths import add_dataset_arguments, dataset_paths_from_args
@@ -334,11 +371,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rl_data", type=Path, required=True, help="the final RL data JSON")
     parser.add_argument("--beam_data", type=Path, required=True, help="the beam data JSON it was generated from")
     add_dataset_arguments(parser)
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--val_ann_path", type=Path, help="the scoring annotations the run was given, if any")
+    parser.add_argument("--metrics", type=Path, required=True, help="headline metrics JSON to write")
+    parser.add_argument("--breakdown", type=Path, required=True, help="per-method / per-temperature metrics JSON")
     parser.add_argument("--plots", type=Path, required=True, help="directory for plot CSVs and PNGs")
+    parser.add_argument(
+        "--max_failed_share",
+        type=float,
+        default=DEFAULT_MAX_FAILED_SHARE,
+        help="fail when more than this share of the evaluations failed (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     with exit_on_input_error():
-        metrics = run_validation(args.rl_data, args.beam_data, dataset_paths_from_args(args), args.metrics, args.plots)
+        if not 0.0 <= args.max_failed_share <= 1.0 or math.isnan(args.max_failed_share):
+            raise InputError(None, f"--max_failed_share must be in [0, 1], got {args.max_failed_share}")
+        outputs = ValidationOutputs(args.metrics, args.breakdown, args.plots)
+        paths = dataset_paths_from_args(args)
+        metrics = run_validation(args.rl_data, args.beam_data, paths, outputs, args.val_ann_path, args.max_failed_share)
     print(
         f"valid: {metrics['queries']} queries, {metrics['candidates']} candidates; accuracy {metrics['accuracy']:.3f}, "
         f"non-flat groups {metrics['share_non_flat_groups']:.1%}"

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from lever_lm.data.vqa import load_annotations, read_json_object
+from lever_lm.data.vqa import load_annotations
 from lever_lm.errors import InputError, exit_on_input_error
+from lever_lm.io import read_json
 
 MODES = ("always", "official")
 
@@ -227,7 +228,7 @@ def _grouped_percent(rows: list[tuple[float, str, str]], column: int) -> dict[st
 
 
 def _question_ids(path: Path) -> set[int]:
-    questions = read_json_object(path).get("questions")
+    questions = read_json(path).get("questions")
     if not isinstance(questions, list) or not all(isinstance(q, dict) for q in questions):
         raise InputError(path, "missing the 'questions' list of objects (is this an official VQA questions file?)")
     return {q.get("question_id") for q in questions}
@@ -246,14 +247,7 @@ def _annotations(path: Path) -> dict[int, tuple[list[str], str, str]]:
 
 
 def _results(path: Path) -> list[tuple[int, str]]:
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(path, f"not valid JSON: {error}") from None
-    if not isinstance(data, list):
-        raise InputError(path, 'expected a JSON list of {"question_id": int, "answer": str} objects')
+    data = read_json(path, expect=list)
     results, seen = [], set()
     for record in data:
         question_id = record.get("question_id") if isinstance(record, dict) else None

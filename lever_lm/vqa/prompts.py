@@ -16,8 +16,11 @@ user template may contain braces), and a question containing "{answer}" is never
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from lever_lm.data.vqa import VQADataset
 
 _PLACEHOLDER = re.compile(r"\{(question|answer)\}")
 FLAMINGO_IMAGE_TOKEN = "<image>"
@@ -43,6 +46,13 @@ class FewShotPrompt:
     def images(self) -> tuple[Path, ...]:
         """Every image of the prompt in the order the model sees them (ICDs, then the query)."""
         return tuple(shot.image for shot in self.shots) + (self.query.image,)
+
+
+def build_prompt(dataset: VQADataset, query_idx: int, pointer: Sequence[int]) -> FewShotPrompt:
+    """The few-shot prompt of one candidate: the ICDs of `pointer` in order (each with its
+    `icd_answer`), then the query. Rows are training-split rows of `dataset`."""
+    shots = tuple(Shot(dataset.image_path(i), dataset[i].question, dataset[i].icd_answer) for i in pointer)
+    return FewShotPrompt(shots=shots, query=Shot(dataset.image_path(query_idx), dataset[query_idx].question))
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ DEFAULT_QUERY_BATCH = 64
 # The retrieval method enumerates sets of the top rows; refuse settings that would enumerate more.
 MAX_RETRIEVAL_SETS = 1_000_000
 METHODS = ("beam", "sample", "random", "retrieval")
+# Below this the tempered logits (|cosine| / 0.1 / T) leave float32's safe range and scores turn NaN.
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,12 @@ class ProposalSettings:
         for t in self.temps:
             if not (math.isfinite(t) and t > 0):
                 raise InputError(None, f"every temperature must be a finite number > 0, got {t}")
+            if t < MIN_TEMPERATURE:
+                raise InputError(
+                    None,
+                    f"temperature {t:g} is below {MIN_TEMPERATURE:g}: the tempered scores would overflow; "
+                    "such a temperature is greedy decoding, which the beams already give",
+                )
         if self.num_beams + self.samples_per_query + self.num_random + self.num_retrieval == 0:
             raise InputError(None, "no proposal method is enabled (num_beams, temps x num_samples_per_temp, "
                              "num_random and num_retrieval are all 0)")

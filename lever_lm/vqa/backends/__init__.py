@@ -7,16 +7,16 @@
 | `flamingo_3B`           | OpenFlamingo-3B: not runnable with transformers 5, fails with the reason |
 
 Modules are imported on use, so listing the names (e.g. for `--help`) loads no model code.
-Every backend offers `generate(prompts) -> list[Generation]` and `describe()` (see `base`).
+Every backend module offers `load(...)` -> a `base.VQABackend` (`batch_size`, `generate(prompts)`)
+and `describe_settings(...)`, what shapes its answers, for the journal fingerprint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-from dataclasses import asdict
 from pathlib import Path
 
+from lever_lm.digests import directory_digest, file_digest
 from lever_lm.errors import InputError
 
 BACKENDS = {
@@ -28,6 +28,13 @@ BACKENDS = {
 
 def available_backends() -> list[str]:
     return list(BACKENDS)
+
+
+def _module(name: str):
+    module_name = BACKENDS.get(name)
+    if module_name is None:
+        raise InputError(None, f"unknown --vqa_model {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return importlib.import_module(module_name)
 
 
 def load_backend(
@@ -42,46 +49,19 @@ def load_backend(
 
     `model_path` wins over `config["vqa_model"]["path"]`; `batch_size` over `vqa_model.batch_size`.
     """
-    module_name = BACKENDS.get(name)
-    if module_name is None:
-        raise InputError(None, f"unknown --vqa_model {name!r}; choose one of: {', '.join(BACKENDS)}")
-    module = importlib.import_module(module_name)
-    return module.load(name, model_path=model_path, device=device, config=config, batch_size=batch_size)
+    return _module(name).load(name, model_path=model_path, device=device, config=config, batch_size=batch_size)
 
 
-def describe_settings(name: str, *, model_path: str | None, config: dict) -> dict:
-    """The VQA model's identity and prompt/decoding settings, without loading the model.
-
-    Device-dependent choices (dtype, batch size) are left out on purpose.
-    """
-    if name not in ("qwen2.5_vl_3B", "hf_image_text_to_text"):
-        load_backend(name, model_path=model_path, config=config)  # unknown or unsupported: its InputError
-    from lever_lm.vqa.backends.image_text_to_text import check_model_dir
-    from lever_lm.vqa.backends.qwen2_5_vl import resolve_model_path
-    from lever_lm.vqa.model_config import resolve_settings
-
-    settings = resolve_settings("chat", config, model_path=model_path)
-    if name == "qwen2.5_vl_3B":
-        path = resolve_model_path(settings.path)
-    elif settings.path:
-        path = Path(settings.path)
-    else:
-        raise InputError(None, f"--vqa_model {name} needs --vqa_model_path (or vqa_model.path in the config)")
-    check_model_dir(path)
-    return {
-        "vqa_model": name,
-        "model": model_identity(path),
-        "prompt": asdict(settings.prompt),
-        "generation": dict(settings.generation),
-        "processor_kwargs": dict(settings.processor_kwargs),
-    }
+def describe_settings(name: str, *, model_path: str | None, config: dict, device: str) -> dict:
+    """What shapes the named backend's answers, without loading the model: the model's identity by
+    content, the prompt and decoding settings, and the numerics (device type, dtype, attention
+    implementation, library versions). Each backend module describes itself."""
+    return _module(name).describe_settings(name, model_path=model_path, config=config, device=device)
 
 
 def model_identity(path: Path) -> dict:
-    """What identifies a model directory's weights cheaply: its config, and each weight file's name
-    and size (hashing gigabytes of weights at every start would cost more than it protects)."""
-    weights = sorted(p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern))
-    return {
-        "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
-        "weights": {p.name: p.stat().st_size for p in weights},
-    }
+    """A model file or directory identified by the sha256 of its content (every file of a directory:
+    weights, config, tokenizer, processor, chat template). Digests are cached by file identity
+    (`lever_lm.digests`), so an unchanged model is not hashed again at every start."""
+    path = Path(path)
+    return {"sha256": directory_digest(path) if path.is_dir() else file_digest(path)}

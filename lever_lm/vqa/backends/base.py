@@ -46,12 +46,13 @@ class VQABackend(Protocol):
 
     name: str
 
-    def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
-        """One Generation per prompt, same order; batches internally by the backend's batch size."""
+    @property
+    def batch_size(self) -> int:
+        """Prompts per generate call; the generator cuts its chunks of candidates by it."""
         ...
 
-    def describe(self) -> dict:
-        """The settings that shape the answers (model, prompt, decoding), JSON-serialisable."""
+    def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
+        """One Generation per prompt, same order; batches internally by `batch_size`."""
         ...
 
 

@@ -26,3 +26,8 @@ UNSUPPORTED = (
 def load(name: str = NAME, **_ignored) -> None:
     """Always an InputError (see the module doc)."""
     raise InputError(None, UNSUPPORTED)
+
+
+def describe_settings(name: str = NAME, **_ignored) -> dict:
+    """Always an InputError (see the module doc)."""
+    raise InputError(None, UNSUPPORTED)

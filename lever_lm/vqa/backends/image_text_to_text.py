@@ -72,25 +72,14 @@ class ImageTextToTextBackend:
     def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
         """One Generation per prompt, same order, `settings.batch_size` prompts per generate call."""
         results: list[Generation | None] = [None] * len(prompts)
-        size = self.settings.batch_size
+        size = self.batch_size
         for start in range(0, len(prompts), size):
             self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results)
         return results  # type: ignore[return-value]
 
-    def describe(self) -> dict:
-        """The settings that shape the answers, for run metadata and resume fingerprints."""
-        import transformers
-
-        return {
-            "vqa_model": self.name,
-            "model_path": str(self.model_path),
-            "model_type": getattr(self.model.config, "model_type", None),
-            "dtype": str(self.model.dtype).removeprefix("torch."),
-            "prompt": asdict(self.settings.prompt),
-            "generation": dict(self.settings.generation),
-            "processor_kwargs": dict(self.settings.processor_kwargs),
-            "transformers": transformers.__version__,
-        }
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
 
     # -- batching ------------------------------------------------------------------------------
 
@@ -192,6 +181,60 @@ def load_model_and_processor(path: Path, device: torch.device, settings: VQAMode
     if getattr(processor, "chat_template", None) is None:
         raise InputError(path, "the processor has no chat template; chat prompts cannot be built for this model")
     return model.to(device).eval(), processor
+
+
+def describe_settings(name: str, *, model_path: str | None, config: dict | None, device: str) -> dict:
+    """What shapes this backend's answers, without loading the model (see `describe_chat_model`)."""
+    settings = resolve_settings("chat", config, model_path=model_path)
+    if settings.path is None:
+        raise InputError(
+            None, f"--vqa_model {name} needs a model directory: set --vqa_model_path or vqa_model.path in --config"
+        )
+    path = check_model_dir(Path(settings.path))
+    return describe_chat_model(name, path, settings, device, image_processor=_auto_image_processor())
+
+
+def describe_chat_model(name: str, path: Path, settings: VQAModelSettings, device: str, image_processor: str) -> dict:
+    """The fingerprint of a chat VLM run: model content, prompt, decoding, and the numerics.
+
+    The numerics are part of it because they change answers: a run started on a CPU in float32 and
+    resumed on a GPU in bfloat16 must not mix two models' behaviour in one file. The device index,
+    the GPU model and the batch size are left out (rounding differences only).
+    """
+    import transformers
+
+    from lever_lm.vqa.backends import model_identity
+
+    device_type = _device_type(device)
+    return {
+        "vqa_model": name,
+        "model": model_identity(path),
+        "prompt": asdict(settings.prompt),
+        "generation": dict(settings.generation),
+        "processor_kwargs": dict(settings.processor_kwargs),
+        "image_processor": image_processor,
+        "numerics": {
+            "device_type": device_type,
+            "dtype": str(default_dtype(torch.device(device_type), settings.dtype)).removeprefix("torch."),
+            "attn_implementation": settings.attn_implementation,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+
+
+def _device_type(device: str) -> str:
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise InputError(None, f"--device {device!r} is not a torch device: {error}") from None
+
+
+def _auto_image_processor() -> str:
+    """Which image processors `AutoProcessor` picks: the torchvision ones when it is installed."""
+    import importlib.util
+
+    return "auto, torchvision " + ("present" if importlib.util.find_spec("torchvision") else "absent")
 
 
 def load(

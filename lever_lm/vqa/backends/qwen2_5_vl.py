@@ -41,9 +41,11 @@ from lever_lm.vqa.backends.image_text_to_text import (
     ImageTextToTextBackend,
     PreparedPrompt,
     check_model_dir,
+    describe_chat_model,
     load_model_and_processor,
     model_type,
 )
+from lever_lm.vqa.backends.processor import IMAGE_PROCESSOR
 from lever_lm.vqa.model_config import resolve_settings
 
 NAME = "qwen2.5_vl_3B"
@@ -75,9 +77,6 @@ class Qwen2_5_VLBackend(ImageTextToTextBackend):
         self.image_token = self.processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_size = self.processor.image_processor.merge_size
-
-    def describe(self) -> dict:
-        return {**super().describe(), "precompute_vision": self.precompute_vision, "share_prefill": self.share_prefill}
 
     def _generate_texts(self, batch: list[PreparedPrompt]) -> list[str]:
         """Beam search with the prompt prefilled once per prompt rather than once per beam."""
@@ -161,6 +160,13 @@ def resolve_model_path(settings_path: str | None, cache_dir: str | Path | None =
             f"{HF_REPO_ID} is not in {where}; download it there, or give its directory "
             "with --vqa_model_path or vqa_model.path in --config",
         ) from None
+
+
+def describe_settings(name: str, *, model_path: str | None, config: dict | None, device: str) -> dict:
+    """What shapes this backend's answers, without loading the model (see `describe_chat_model`)."""
+    settings = resolve_settings("chat", config, model_path=model_path)
+    path = check_model_dir(resolve_model_path(settings.path))
+    return describe_chat_model(name, path, settings, device, image_processor=IMAGE_PROCESSOR)
 
 
 def load(

@@ -1,0 +1,241 @@
+"""The RL record: the one place that knows its field names, how a record is built, and its schema.
+
+A query's record (one value of the final JSON, one journal line's `entry`; docs/formats.md §5):
+
+    {"query": {"query_id", "question_id", "image_id", "question", "gt_answers_raw"},
+     "pointer_candidates": [{"pointer", "gen_method", "beam_rank", "beam_score", "logprob_score",
+                             "temperature", "vqa_raw_generation", "vqa_pred_answer", "vqa_correct",
+                             "vqa_acc_score", "vqa_eval_mode", "eval_failed", ["eval_error"]}, ...]}
+
+The generator builds records with `query_record` / `candidate_record`; the journal checks every
+line it reads with `entry_problems`; the validator applies the same rules to the final file, and
+the final-JSON writer and the validator count with `MethodTotals`. The field names are the
+lineage trainer's contract: they never change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from lever_lm.models.v3.proposals import METHODS, Candidate
+from lever_lm.vqa.backends.base import Generation
+from lever_lm.vqa.metric import score_prediction
+
+GEN_METHODS = METHODS  # "beam", "sample", "random", "retrieval": the proposal methods, in priority order
+EVAL_MODE_NAME = "vqaEval"
+ACCURACY_VALUES = (0.0, 0.3, 0.6, 0.9, 1.0)
+QUERY_FIELDS = {"query_id": int, "question_id": int, "image_id": int, "question": str, "gt_answers_raw": list}
+CANDIDATE_FIELDS = {
+    "pointer": list,
+    "gen_method": str,
+    "vqa_raw_generation": str,
+    "vqa_pred_answer": str,
+    "vqa_correct": int,
+    "vqa_acc_score": (int, float),
+    "vqa_eval_mode": str,
+    "eval_failed": bool,
+}
+OPTIONAL_NUMBER_FIELDS = ("beam_rank", "beam_score", "logprob_score", "temperature")
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def query_record(query_idx: int, question_id: int, image_id: int, question: str, answers: Sequence[str]) -> dict:
+    """The `query` block of a record."""
+    return {
+        "query_id": query_idx,
+        "question_id": question_id,
+        "image_id": image_id,
+        "question": question,
+        "gt_answers_raw": list(answers),
+    }
+
+
+def candidate_record(candidate: Candidate, generation: Generation, prepared_answers) -> dict:
+    """One `pointer_candidates` entry; a failed evaluation scores 0 and says why in `eval_error`."""
+    failed = generation.error is not None
+    accuracy = 0.0 if failed else score_prediction(generation.answer, prepared_answers)
+    record = {
+        "pointer": list(candidate.pointer),
+        "gen_method": candidate.gen_method,
+        "beam_rank": candidate.beam_rank,
+        "beam_score": candidate.beam_score,
+        "logprob_score": candidate.logprob_score,
+        "temperature": candidate.temperature,
+        "vqa_raw_generation": generation.raw,
+        "vqa_pred_answer": generation.answer,
+        "vqa_correct": 1 if accuracy > 0 else 0,
+        "vqa_acc_score": accuracy,
+        "vqa_eval_mode": EVAL_MODE_NAME,
+        "eval_failed": failed,
+    }
+    if failed:
+        record["eval_error"] = generation.error
+    return record
+
+
+def failed_candidates(entry: dict) -> int:
+    """How many of a record's candidates could not be evaluated."""
+    return sum(1 for c in entry["pointer_candidates"] if c["eval_failed"])
+
+
+def needs_retry(entry: dict, stats: dict) -> bool:
+    """A result a later run should compute again: a failed evaluation, or an unreadable query image."""
+    return bool(stats.get("query_error")) or failed_candidates(entry) > 0
+
+
+# -- the schema -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordRules:
+    """What the inputs say a record must look like."""
+
+    shot_num: int
+    num_items: int  # rows of the training split: pointers lie in 0..num_items-1
+
+
+def entry_problems(query_idx: int, entry: object, rules: RecordRules) -> Iterator[str]:
+    """Every way `entry` breaks the record schema for query `query_idx` (nothing when it is valid)."""
+    where = f"query {query_idx}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("pointer_candidates"), list):
+        yield f"{where}: entry must be an object with a 'pointer_candidates' list"
+        return
+    yield from (f"{where}: {p}" for p in _query_problems(query_idx, entry.get("query")))
+    if not entry["pointer_candidates"]:
+        yield f"{where}: no candidates"
+    seen: set[tuple] = set()
+    for n, candidate in enumerate(entry["pointer_candidates"]):
+        yield from (f"{where}, candidate {n}: {p}" for p in _candidate_problems(query_idx, candidate, rules))
+        pointer = tuple(candidate.get("pointer") or ()) if isinstance(candidate, dict) else ()
+        if pointer in seen:
+            yield f"{where}, candidate {n}: pointer {list(pointer)} appears twice"
+        seen.add(pointer)
+
+
+def stats_problems(stats: object) -> Iterator[str]:
+    """Every way a journal line's `stats` object is malformed."""
+    if not isinstance(stats, dict):
+        yield "stats must be an object"
+        return
+    dropped = stats.get("duplicates_dropped", {})
+    if not isinstance(dropped, dict) or not all(
+        m in GEN_METHODS and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for m, n in dropped.items()
+    ):
+        yield "stats.duplicates_dropped must map method names to counts"
+    if "query_error" in stats and not (isinstance(stats["query_error"], str) and stats["query_error"]):
+        yield "stats.query_error must be a non-empty string"
+
+
+def _query_problems(query_idx: int, query: object) -> Iterator[str]:
+    if not isinstance(query, dict):
+        yield "missing the 'query' object"
+        return
+    for name, kind in QUERY_FIELDS.items():
+        value = query.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            yield f"query.{name} missing or not {kind.__name__}"
+    if query.get("query_id") != query_idx:
+        yield f"query.query_id is {query.get('query_id')!r}"
+    answers = query.get("gt_answers_raw")
+    if isinstance(answers, list) and (not answers or not all(isinstance(a, str) for a in answers)):
+        yield "query.gt_answers_raw must be a non-empty list of strings"
+
+
+def _candidate_problems(query_idx: int, c: object, rules: RecordRules) -> Iterator[str]:
+    if not isinstance(c, dict):
+        yield "not an object"
+        return
+    for name, kind in CANDIDATE_FIELDS.items():
+        value = c.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            yield f"{name} missing or of the wrong type"
+            return
+    for name in OPTIONAL_NUMBER_FIELDS:
+        value = c.get(name)
+        if value is not None and (not _is_number(value) or not math.isfinite(value)):
+            yield f"{name} must be a finite number or null"
+    yield from _pointer_problems(query_idx, c["pointer"], rules)
+    yield from _method_problems(c)
+    yield from _score_problems(c)
+
+
+def _pointer_problems(query_idx: int, pointer: list, rules: RecordRules) -> Iterator[str]:
+    if len(pointer) != rules.shot_num:
+        yield f"pointer {pointer} has {len(pointer)} ids, expected shot_num = {rules.shot_num}"
+    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < rules.num_items for i in pointer):
+        yield f"pointer {pointer} has ids outside 0..{rules.num_items - 1}"
+    if query_idx in pointer:
+        yield f"pointer {pointer} contains the query itself"
+    if len(set(map(repr, pointer))) != len(pointer):
+        yield f"pointer {pointer} repeats an id"
+
+
+def _method_problems(c: dict) -> Iterator[str]:
+    method = c["gen_method"]
+    if method not in GEN_METHODS:
+        yield f"gen_method {method!r} is not one of {', '.join(GEN_METHODS)}"
+    if method == "beam" and (not isinstance(c.get("beam_rank"), int) or isinstance(c.get("beam_rank"), bool)):
+        yield "a beam candidate needs an integer beam_rank"
+    if method == "sample" and not (_is_number(c.get("temperature")) and c["temperature"] > 0):
+        yield "a sample candidate needs a temperature > 0"
+
+
+def _score_problems(c: dict) -> Iterator[str]:
+    if c["vqa_eval_mode"] != EVAL_MODE_NAME:
+        yield f"vqa_eval_mode must be {EVAL_MODE_NAME!r}, found {c['vqa_eval_mode']!r}"
+    acc = c["vqa_acc_score"]
+    if not any(abs(acc - v) < 1e-6 for v in ACCURACY_VALUES):
+        yield f"vqa_acc_score {acc} is not one of {ACCURACY_VALUES}"
+    if c["vqa_correct"] != (1 if acc > 0 else 0):
+        yield f"vqa_correct {c['vqa_correct']} disagrees with vqa_acc_score {acc}"
+    if c["eval_failed"]:
+        if acc != 0:
+            yield "a failed evaluation must score 0"
+        if not isinstance(c.get("eval_error"), str) or not c["eval_error"]:
+            yield "a failed evaluation needs its reason in eval_error"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- counting -------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodTotals:
+    """Counts over records: candidates, failures, duplicates dropped, accuracy by method."""
+
+    queries: int = 0
+    candidates: int = 0
+    failed: int = 0
+    duplicates: dict[str, int] = field(default_factory=dict)
+    method_count: dict[str, int] = field(default_factory=dict)
+    method_accuracy: dict[str, float] = field(default_factory=dict)
+
+    def add(self, entry: dict, stats: dict | None = None) -> None:
+        self.queries += 1
+        for candidate in entry["pointer_candidates"]:
+            method = candidate["gen_method"]
+            self.candidates += 1
+            self.failed += bool(candidate["eval_failed"])
+            self.method_count[method] = self.method_count.get(method, 0) + 1
+            self.method_accuracy[method] = self.method_accuracy.get(method, 0.0) + candidate["vqa_acc_score"]
+        for method, n in (stats or {}).get("duplicates_dropped", {}).items():
+            self.duplicates[method] = self.duplicates.get(method, 0) + n
+
+    def as_dict(self) -> dict:
+        return {
+            "queries": self.queries,
+            "candidates": self.candidates,
+            "failed": self.failed,
+            "duplicates_dropped": dict(sorted(self.duplicates.items())),
+            "by_method": {
+                m: {"candidates": n, "accuracy": self.method_accuracy[m] / n}
+                for m, n in sorted(self.method_count.items())
+            },
+        }

@@ -1,0 +1,93 @@
+"""What a generation run was asked to do: `GenerationRequest`, with the checks that need no file read.
+
+The command line (`lever_lm.rl.cli`) and the tests build a request; `check_request` refuses a bad
+setting or an output path that cannot be written before any input is read, so nothing is computed
+for a run that could never write its result. The request's field defaults are the command line's
+defaults (the parser reads them from here).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lever_lm.data.dataset_paths import DatasetPaths
+from lever_lm.errors import InputError
+from lever_lm.models.v3.proposals import ProposalSettings
+from lever_lm.vqa.backends.base import resolve_device
+from lever_lm.vqa.metric import MODES
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything the command line (or a stage) decided; paths not yet checked."""
+
+    sft_ckpt: Path
+    beam_data: Path
+    output_path: Path
+    query_emb: Path
+    cand_emb: Path
+    dataset: DatasetPaths
+    val_ques_path: Path | None = None
+    val_ann_path: Path | None = None
+    vqa_model: str = "qwen2.5_vl_3B"
+    vqa_model_path: str | None = None
+    config: dict = field(default_factory=dict)
+    config_path: Path | None = None
+    proposal: ProposalSettings = ProposalSettings()
+    shot_num: int | None = None  # None: from the beam data (overrides proposal.shot_num)
+    eval_mode: str = "always"
+    device: str = "cuda:0"
+    batch_size: int | None = None  # None: the VQA model's (vqa_model.batch_size, 16)
+    num_shards: int = 1
+    shard_id: int = 0
+    limit: int | None = None
+    journal_dir: Path | None = None
+    merge_only: bool = False
+    progress: bool = True
+
+    def journal_root(self) -> Path:
+        return self.journal_dir or self.output_path.with_name(self.output_path.name + ".journal")
+
+
+def check_request(request: GenerationRequest) -> None:
+    """Refuse settings and output locations that cannot work, before anything is read or computed."""
+    if request.num_shards < 1 or not 0 <= request.shard_id < request.num_shards:
+        raise InputError(None, f"--shard_id must be in 0..{request.num_shards - 1} (got {request.shard_id})")
+    if request.limit is not None and request.limit < 1:
+        raise InputError(None, f"--limit must be >= 1 (got {request.limit})")
+    if request.shot_num is not None and request.shot_num < 1:
+        raise InputError(None, f"--shot_num must be >= 1 (got {request.shot_num})")
+    if request.batch_size is not None and request.batch_size < 1:
+        raise InputError(None, f"--batch_size must be >= 1 (got {request.batch_size})")
+    if (request.val_ques_path is None) != (request.val_ann_path is None):
+        raise InputError(None, "give both --val_ques_path and --val_ann_path, or neither")
+    if request.eval_mode not in MODES:
+        raise InputError(None, f"--eval_mode must be one of {', '.join(MODES)}")
+    check_output_location(request.output_path, request.journal_root())
+    if not request.merge_only:
+        resolve_device(request.device)  # a missing GPU is reported before anything is written
+
+
+def check_output_location(output_path: Path, journal_root: Path) -> None:
+    """The output must be a writable file path and the journal root a directory (or creatable)."""
+    if output_path.is_dir():
+        raise InputError(output_path, "--output_path is a directory; give the path of the JSON file to write")
+    _check_writable_directory(output_path.parent, output_path)
+    if journal_root.exists() and not journal_root.is_dir():
+        raise InputError(journal_root, "the journal directory (--journal_dir) is a file, not a directory")
+    _check_writable_directory(journal_root if journal_root.exists() else journal_root.parent, journal_root)
+
+
+def _check_writable_directory(directory: Path, for_path: Path) -> None:
+    """`directory` (or its nearest existing ancestor) is a directory this process may write in."""
+    existing = directory
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(for_path, f"cannot create it: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(for_path, f"cannot write there: no write permission in {existing}")
