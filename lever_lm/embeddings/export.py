@@ -1,4 +1,4 @@
-"""CLIP embeddings of the training split (SPEC §3.3): the rows the pointer network reads.
+"""CLIP embeddings of the training split (docs/formats.md §3.3): the rows the pointer network reads.
 
 Row i = item i (sorted by question_id) = normalize((normalize(image_emb) + normalize(text_emb)) / 2),
 with the CLIP image embedding of the item's picture and the CLIP text embedding of its question.
@@ -57,7 +57,7 @@ def export_embeddings(
 
 
 def combine(image_emb: Tensor, text_emb: Tensor) -> Tensor:
-    """SPEC §3.3: L2-normalise each, average, L2-normalise again."""
+    """docs/formats.md §3.3: L2-normalise each, average, L2-normalise again."""
     mean = (F.normalize(image_emb, dim=-1) + F.normalize(text_emb, dim=-1)) / 2
     return F.normalize(mean, dim=-1).to(torch.float32).contiguous()
 

@@ -53,7 +53,7 @@ FLAMINGO_TEMPLATE = PromptTemplate(
     icd_template="Question:{question} Short answer:{answer}<|endofchunk|>",
     query_template="Question:{question} Short answer:",
 )
-# SPEC §5: 3 beams, 5 new tokens, no length penalty, no sampling.
+# docs/formats.md §5: 3 beams, 5 new tokens, no length penalty, no sampling.
 DEFAULT_GENERATION = {"max_new_tokens": 5, "num_beams": 3, "length_penalty": 0.0, "do_sample": False}
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_IMAGE_CACHE_MB = 1024
@@ -151,7 +151,7 @@ def _template(section: dict, key: str, needs_answer: bool) -> str:
 
 
 def _generation(value: Any) -> dict[str, Any]:
-    """Validated `generate` keyword arguments: the SPEC's four by type, others by name."""
+    """Validated `generate` keyword arguments: the four of docs/formats.md §5 by type, others by name."""
     from transformers import GenerationConfig
 
     where = f"{SECTION}.generation"

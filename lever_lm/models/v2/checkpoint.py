@@ -1,4 +1,4 @@
-"""Load and save PointerSelectorV2 weights in the Lightning `.ckpt` layout of Lever-LM (SPEC §3.4).
+"""Load and save PointerSelectorV2 weights in the Lightning `.ckpt` layout of Lever-LM (docs/formats.md §3.4).
 
 A Lever-LM SFT checkpoint is `{"state_dict": {...}, "hyper_parameters": {...}, "epoch", ...}`;
 the pointer's weights sit under `lever_lm.pointer_selector.`, the frozen CLIP towers beside them

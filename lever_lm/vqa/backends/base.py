@@ -29,7 +29,7 @@ class Generation:
     """A prompt's outcome: the decoded new text, its post-processed answer, or why there is none."""
 
     raw: str  # decoded new text ("" on failure)
-    answer: str  # post-processed (SPEC §5)
+    answer: str  # post-processed (docs/formats.md §5)
     error: str | None = None  # reason when the image was unreadable or generation failed
 
     @classmethod

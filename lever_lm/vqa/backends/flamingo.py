@@ -5,7 +5,7 @@ MPT-1B joined by gated cross-attention. Running it needs the `open_flamingo` pac
 and MPT-1B's remote modelling code, all written against transformers 4.x; this project requires
 transformers 5, where that remote code no longer loads. Rather than fall back to another model
 silently, loading stops before any work with this explanation. The OpenFlamingo prompt form
-(`<image>Question:{q} Short answer:{a}<|endofchunk|>` per ICD, SPEC §5) is implemented in
+(`<image>Question:{q} Short answer:{a}<|endofchunk|>` per ICD, docs/formats.md §5) is implemented in
 `lever_lm.vqa.prompts.flamingo_text` with its defaults in `model_config.FLAMINGO_TEMPLATE`, ready
 for a backend in an environment that can run the model.
 """

@@ -4,7 +4,7 @@
 
 Each prompt becomes the chat of `prompts.chat_messages`, rendered by the model's own chat
 template; a batch of prompts goes through the processor with left padding and one
-`model.generate` call with the configured decoding (SPEC §5: 3 beams, 5 new tokens). Decoding
+`model.generate` call with the configured decoding (docs/formats.md §5). Decoding
 settings not given in the config come from the model's `generation_config.json`, as with any
 `generate` call. Decoded images are cached per path (`images.ImageCache`); the processor resizes
 and normalises them per batch, since how to split a batch's processed pixels back per image differs
