@@ -4,7 +4,7 @@
 |-------------------------|------------------------------------------------------------------------|
 | `qwen2.5_vl_3B`         | Qwen/Qwen2.5-VL-3B-Instruct (or any Qwen2.5-VL dir); per-image work cached |
 | `hf_image_text_to_text` | any chat VLM loadable with AutoModelForImageTextToText (needs a path)  |
-| `flamingo_3B`           | OpenFlamingo-3B: not runnable with transformers 5, fails with the reason |
+| `flamingo_3B`           | OpenFlamingo-3B (CLIP ViT-L/14 + MPT-1B), the project's own port       |
 
 Modules are imported on use, so listing the names (e.g. for `--help`) loads no model code.
 Every backend offers `generate(prompts) -> list[Generation]` and `describe()` (see `base`).
@@ -54,6 +54,10 @@ def describe_settings(name: str, *, model_path: str | None, config: dict) -> dic
 
     Device-dependent choices (dtype, batch size) are left out on purpose.
     """
+    if name == "flamingo_3B":
+        from lever_lm.vqa.backends.flamingo import describe_settings as describe_flamingo
+
+        return describe_flamingo(name, model_path=model_path, config=config)
     if name not in ("qwen2.5_vl_3B", "hf_image_text_to_text"):
         load_backend(name, model_path=model_path, config=config)  # unknown or unsupported: its InputError
     from lever_lm.vqa.backends.image_text_to_text import check_model_dir
@@ -79,7 +83,10 @@ def describe_settings(name: str, *, model_path: str | None, config: dict) -> dic
 
 def model_identity(path: Path) -> dict:
     """What identifies a model directory's weights cheaply: its config, and each weight file's name
-    and size (hashing gigabytes of weights at every start would cost more than it protects)."""
+    and size (hashing gigabytes of weights at every start would cost more than it protects).
+    A single weight file (e.g. OpenFlamingo's checkpoint.pt): its name and size."""
+    if path.is_file():
+        return {"weights": {path.name: path.stat().st_size}}
     weights = sorted(p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern))
     return {
         "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),

@@ -54,6 +54,20 @@ CHECKPOINT_RULES = [
 # MPT-1B weight key -> port key; its embeddings are superseded by checkpoint.pt's (which hold the added tokens)
 MPT_RULES = [(r"transformer\.((?:blocks\.\d+|ln_f)\..+)", r"lang_model.transformer.\1")]
 MPT_SUPERSEDED = {"transformer.wte.weight"}
+# the way back, port key -> official key (for writing models in the official layout, e.g. the demo's)
+PORT_TO_OFFICIAL_RULES = [
+    (r"perceiver\.layers\.(\d+)\.attn\.(.+)", r"perceiver.layers.\1.0.\2"),
+    (r"perceiver\.layers\.(\d+)\.ff\.norm\.(weight|bias)", r"perceiver.layers.\1.1.0.\2"),
+    (r"perceiver\.layers\.(\d+)\.ff\.up\.weight", r"perceiver.layers.\1.1.1.weight"),
+    (r"perceiver\.layers\.(\d+)\.ff\.down\.weight", r"perceiver.layers.\1.1.3.weight"),
+    (r"perceiver\.(latents|norm\.weight|norm\.bias)", r"perceiver.\1"),
+    (r"lang_model\.transformer\.wte\.weight", r"lang_encoder.transformer.wte.weight"),
+    (r"cross_attn\.(\d+)\.ff\.norm\.(weight|bias)", r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.ff.0.\2"),
+    (r"cross_attn\.(\d+)\.ff\.up\.weight", r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.ff.1.weight"),
+    (r"cross_attn\.(\d+)\.ff\.down\.weight", r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.ff.3.weight"),
+    (r"cross_attn\.(\d+)\.(attn\..+|attn_gate|ff_gate)", r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.\2"),
+    (r"lang_model\.transformer\.((?:blocks\.\d+|ln_f)\..+)", r"transformer.\1"),
+]
 
 
 @dataclass(frozen=True)
@@ -112,11 +126,9 @@ def load_openflamingo(root: Path, device: torch.device, dtype: torch.dtype) -> L
             f"added tokens has {len(tokenizer)}: checkpoint and tokenizer do not belong together",
         )
     media_token_id = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory until the weights are assigned
         model = OpenFlamingo(vision, mpt_config, vocab_rows, media_token_id)
-    state = {**map_keys(checkpoint, CHECKPOINT_RULES, files.checkpoint), **map_keys(mpt_weights, MPT_RULES, files.lang_weights, MPT_SUPERSEDED)}
-    check_state(model, state, files)
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(port_state(model, checkpoint, mpt_weights, files), strict=False, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedFlamingo(
         model=model,
@@ -164,6 +176,32 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(path, "expected a state dict (parameter name -> tensor)")
     return state
+
+
+def port_state(model: OpenFlamingo, checkpoint: dict, mpt_weights: dict, files: FlamingoFiles) -> dict:
+    """The port's state dict (CLIP aside) from the two official files, every key accounted for."""
+    state = {
+        **map_keys(checkpoint, CHECKPOINT_RULES, files.checkpoint),
+        **map_keys(mpt_weights, MPT_RULES, files.lang_weights, MPT_SUPERSEDED),
+    }
+    check_state(model, state, files)
+    return state
+
+
+def official_state_dicts(model: OpenFlamingo) -> tuple[dict, dict]:
+    """(checkpoint.pt, MPT weights) in the official key names, from the port: what `port_state` reads back.
+
+    The MPT file's own embeddings (superseded at load) are those of the checkpoint.
+    """
+    rules = [(re.compile(pattern), target) for pattern, target in PORT_TO_OFFICIAL_RULES]
+    checkpoint, mpt_weights = {}, {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vision_encoder."):
+            continue
+        name = next(pattern.sub(target, key) for pattern, target in rules if pattern.fullmatch(key))
+        (mpt_weights if name.startswith("transformer.") else checkpoint)[name] = value
+    mpt_weights["transformer.wte.weight"] = checkpoint["lang_encoder.transformer.wte.weight"]
+    return checkpoint, mpt_weights
 
 
 def map_keys(state: dict, rules: list[tuple[str, str]], path: Path, superseded: set[str] = frozenset()) -> dict:
