@@ -113,7 +113,11 @@ def test_generated_tokens_are_the_officials(flamingo, expected, decoding, num_be
         rows = torch.tensor(case["prompts"])
         settings = {**CASES["generation"], "num_beams": num_beams}
         output = generator.generate(
-            input_ids=ids, attention_mask=mask, media=media[rows], media_mask=torch.ones(rows.shape, dtype=torch.bool), **settings
+            input_ids=ids,
+            attention_mask=mask,
+            media=media[rows],
+            media_mask=torch.ones(rows.shape, dtype=torch.bool),
+            **settings,
         )
         assert output[:, ids.shape[1] :].tolist() == case[f"generated_{decoding}"], case["name"]
 
@@ -153,7 +157,9 @@ def test_loader_consumes_exactly_the_real_3b_keys_and_shapes(tmp_path):
     checkpoint = {key: torch.empty(shape, device="meta") for key, shape in layout["checkpoint"].items()}
     mpt_weights = {key: torch.empty(shape, device="meta") for key, shape in layout["mpt_weights"].items()}
     with torch.device("meta"):
-        vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=layout["vis_dim"], num_attention_heads=16, num_hidden_layers=1))
+        vision = CLIPVisionModel(
+            CLIPVisionConfig(hidden_size=layout["vis_dim"], num_attention_heads=16, num_hidden_layers=1)
+        )
         rows = layout["checkpoint"]["lang_encoder.transformer.wte.weight"][0]
         model = OpenFlamingo(vision, config, rows, media_token_id=layout["added_tokens"]["<image>"])
     files = FlamingoFiles(tmp_path, tmp_path / "checkpoint.pt", tmp_path, tmp_path / "pytorch_model.bin", tmp_path)
@@ -199,7 +205,10 @@ def test_a_checkpoint_with_foreign_or_wrong_keys_is_an_input_error(tmp_path, fla
     torch.save(renamed, model / "checkpoint.pt")
     with pytest.raises(InputError, match=r"checkpoint\.pt: unexpected keys.*perceiver\.final_norm\.weight"):
         load_backend("flamingo_3B", model_path=str(model))
-    fewer_rows = {**checkpoint, "lang_encoder.transformer.wte.weight": checkpoint["lang_encoder.transformer.wte.weight"][:-1]}
+    fewer_rows = {
+        **checkpoint,
+        "lang_encoder.transformer.wte.weight": checkpoint["lang_encoder.transformer.wte.weight"][:-1],
+    }
     torch.save(fewer_rows, model / "checkpoint.pt")
     with pytest.raises(InputError, match="checkpoint and tokenizer do not belong together"):
         load_backend("flamingo_3B", model_path=str(model))

@@ -29,7 +29,7 @@ class MaskedCrossAttention(nn.Module):
     ) -> torch.Tensor:
         """x [B, S, D]; media [B, T, n, Dv] latents of each row's images (padded to T);
         media_mask [B, T] real images; text_time [B, S] 1-based image index per token (0: none)."""
-        B, T, n, _ = media.shape
+        _, T, n, _ = media.shape
         q = self.to_q(self.norm(x)).unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) * HEAD_DIM**-0.5  # [B,h,S,d]
         k, v = self.to_kv(media.flatten(1, 2)).chunk(2, dim=-1)  # [B, T*n, h*d] each
         k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in (k, v))  # [B, h, T*n, d]

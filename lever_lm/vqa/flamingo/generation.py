@@ -66,6 +66,8 @@ class FlamingoForGeneration(PreTrainedModel, GenerationMixin):
             cache = FlamingoCache()
         if attention_mask is None:  # `generate` leaves it out when nothing is padded
             past = cache.get_seq_length() if cache is not None else 0
-            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(
+                input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long, device=input_ids.device
+            )
         logits = self.model(input_ids, attention_mask, media, media_mask, cache)
         return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})

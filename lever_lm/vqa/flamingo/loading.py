@@ -46,10 +46,19 @@ CHECKPOINT_RULES = [
     (r"perceiver\.layers\.(\d+)\.1\.3\.weight", r"perceiver.layers.\1.ff.down.weight"),
     (r"perceiver\.(latents|norm\.weight|norm\.bias)", r"perceiver.\1"),
     (r"lang_encoder\.transformer\.wte\.weight", r"lang_model.transformer.wte.weight"),
-    (r"lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\.ff\.0\.(weight|bias)", r"cross_attn.\1.ff.norm.\2"),
+    (
+        r"lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\.ff\.0\.(weight|bias)",
+        r"cross_attn.\1.ff.norm.\2",
+    ),
     (r"lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\.ff\.1\.weight", r"cross_attn.\1.ff.up.weight"),
-    (r"lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\.ff\.3\.weight", r"cross_attn.\1.ff.down.weight"),
-    (r"lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\.(attn\..+|attn_gate|ff_gate)", r"cross_attn.\1.\2"),
+    (
+        r"lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\.ff\.3\.weight",
+        r"cross_attn.\1.ff.down.weight",
+    ),
+    (
+        r"lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\.(attn\..+|attn_gate|ff_gate)",
+        r"cross_attn.\1.\2",
+    ),
 ]
 # MPT-1B weight key -> port key; its embeddings are superseded by checkpoint.pt's (which hold the added tokens)
 MPT_RULES = [(r"transformer\.((?:blocks\.\d+|ln_f)\..+)", r"lang_model.transformer.\1")]
@@ -62,10 +71,16 @@ PORT_TO_OFFICIAL_RULES = [
     (r"perceiver\.layers\.(\d+)\.ff\.down\.weight", r"perceiver.layers.\1.1.3.weight"),
     (r"perceiver\.(latents|norm\.weight|norm\.bias)", r"perceiver.\1"),
     (r"lang_model\.transformer\.wte\.weight", r"lang_encoder.transformer.wte.weight"),
-    (r"cross_attn\.(\d+)\.ff\.norm\.(weight|bias)", r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.ff.0.\2"),
+    (
+        r"cross_attn\.(\d+)\.ff\.norm\.(weight|bias)",
+        r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.ff.0.\2",
+    ),
     (r"cross_attn\.(\d+)\.ff\.up\.weight", r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.ff.1.weight"),
     (r"cross_attn\.(\d+)\.ff\.down\.weight", r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.ff.3.weight"),
-    (r"cross_attn\.(\d+)\.(attn\..+|attn_gate|ff_gate)", r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.\2"),
+    (
+        r"cross_attn\.(\d+)\.(attn\..+|attn_gate|ff_gate)",
+        r"lang_encoder.transformer.blocks.\1.gated_cross_attn_layer.\2",
+    ),
     (r"lang_model\.transformer\.((?:blocks\.\d+|ln_f)\..+)", r"transformer.\1"),
 ]
 
@@ -230,9 +245,15 @@ def check_state(model: OpenFlamingo, state: dict, files: FlamingoFiles) -> None:
         checkpoint_side = [key for key in missing if not key.startswith("lang_model.")]
         where = files.checkpoint if checkpoint_side else files.lang_weights
         raise InputError(where, f"missing keys (port names): {_some(missing)}")
-    wrong = [f"{key} {tuple(state[key].shape)} != {tuple(shape)}" for key, shape in expected.items() if state[key].shape != shape]
+    wrong = [
+        f"{key} {tuple(state[key].shape)} != {tuple(shape)}"
+        for key, shape in expected.items()
+        if state[key].shape != shape
+    ]
     if wrong:
-        raise InputError(files.root, f"shapes do not match the configuration in {files.lang_dir / 'config.json'}: {_some(wrong)}")
+        raise InputError(
+            files.root, f"shapes do not match the configuration in {files.lang_dir / 'config.json'}: {_some(wrong)}"
+        )
 
 
 def _load_vision(vision_dir: Path):
@@ -252,8 +273,8 @@ def clip_pixels(image: Image.Image, size: int) -> torch.Tensor:
     new_long = int(size * long / short)
     new_size = (size, new_long) if width <= height else (new_long, size)
     image = image.resize(new_size, Image.BICUBIC)
-    left = int(round((image.width - size) / 2.0))
-    top = int(round((image.height - size) / 2.0))
+    left = round((image.width - size) / 2.0)  # Python's round, as torchvision's centre crop
+    top = round((image.height - size) / 2.0)
     image = image.crop((left, top, left + size, top + size)).convert("RGB")
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]

@@ -74,10 +74,10 @@ class OpenFlamingo(nn.Module):
         attention_mask [B, K]: real (1) / left padding (0) over cached + new tokens;
         media [B, T, 64, Dv] and media_mask [B, T]: each row's images in prompt order, padded to T.
         """
-        is_media = (input_ids == self.media_token_id).long()
-        seen = cache.media_seen if cache is not None and cache.media_seen is not None else 0
-        text_time = is_media.cumsum(dim=1) + (seen[:, None] if torch.is_tensor(seen) else seen)  # [B, S]
+        text_time = (input_ids == self.media_token_id).long().cumsum(dim=1)  # [B, S]
         if cache is not None:
+            if cache.media_seen is not None:
+                text_time = text_time + cache.media_seen[:, None]
             cache.media_seen = text_time[:, -1]
         x = self.lang_model.embed(input_ids)
         bias = self.lang_model.attention_bias(attention_mask, input_ids.shape[1], x.dtype)

@@ -160,7 +160,9 @@ def build_tiny_reference(mpt_code: Path, work: Path, out: Path) -> None:
         encoded = tokenizer(texts, padding="longest", return_tensors="pt")
         vision_x = torch.stack([pixels[indices] for indices in case["prompts"]])[:, :, None]  # b T 1 c h w
         with torch.no_grad():
-            logits = model(vision_x=vision_x, lang_x=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
+            logits = model(
+                vision_x=vision_x, lang_x=encoded["input_ids"], attention_mask=encoded["attention_mask"]
+            ).logits
         tensors[f"{case['name']}.logits"] = logits
         case["texts"] = texts
         case["input_ids"] = encoded["input_ids"].tolist()
