@@ -12,7 +12,9 @@ media per image and hand the latents of each prompt's images to `forward`.
 Which image a text token attends to is its "text time": the number of `<image>` tokens up to and
 including it. The cache carries each row's count of `<image>` tokens already read, so tokens fed
 later (generation steps) continue the count and attend to the prompt's last image, as in the
-original, where generated tokens attend to the last image of the prompt.
+original, where generated tokens attend to the last image of the prompt. (Should a model ever
+generate `<image>` itself, the tokens after it attend to nothing, as no latents exist for it; the
+original's behaviour there is an accident of its caching and is not reproduced.)
 """
 
 from __future__ import annotations
