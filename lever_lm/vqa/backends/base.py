@@ -83,6 +83,27 @@ def default_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
     return dtype
 
 
+def describe_numerics(device: str, dtype: str | None, attn_implementation: str | None = None) -> dict:
+    """The numerics a run's answers depend on, for its fingerprint (described without the device,
+    so that a merge can run on another machine): device type, effective dtype, attention
+    implementation, torch and transformers versions. A run started on a CPU in float32 and resumed
+    on a GPU in bfloat16 must not mix two behaviours in one file; the device index, the GPU model
+    and the batch size are left out (rounding differences only)."""
+    import transformers
+
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise InputError(None, f"--device {device!r} is not a torch device: {error}") from None
+    return {
+        "device_type": device_type,
+        "dtype": str(default_dtype(torch.device(device_type), dtype)).removeprefix("torch."),
+        "attn_implementation": attn_implementation,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 def run_with_retry(items: list[T], run: Callable[[list[T]], list[str]], device: torch.device) -> list[str | Exception]:
     """`run(items)` as one batch; if the batch fails, each item alone, so only the culprit fails.
 

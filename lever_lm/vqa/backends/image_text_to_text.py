@@ -29,6 +29,7 @@ from lever_lm.errors import InputError
 from lever_lm.vqa.backends.base import (
     Generation,
     default_dtype,
+    describe_numerics,
     failure_reason,
     resolve_device,
     run_with_retry,
@@ -195,17 +196,9 @@ def describe_settings(name: str, *, model_path: str | None, config: dict | None,
 
 
 def describe_chat_model(name: str, path: Path, settings: VQAModelSettings, device: str, image_processor: str) -> dict:
-    """The fingerprint of a chat VLM run: model content, prompt, decoding, and the numerics.
-
-    The numerics are part of it because they change answers: a run started on a CPU in float32 and
-    resumed on a GPU in bfloat16 must not mix two models' behaviour in one file. The device index,
-    the GPU model and the batch size are left out (rounding differences only).
-    """
-    import transformers
-
+    """The fingerprint of a chat VLM run: model content, prompt, decoding, image processing, numerics."""
     from lever_lm.vqa.backends import model_identity
 
-    device_type = _device_type(device)
     return {
         "vqa_model": name,
         "model": model_identity(path),
@@ -213,21 +206,8 @@ def describe_chat_model(name: str, path: Path, settings: VQAModelSettings, devic
         "generation": dict(settings.generation),
         "processor_kwargs": dict(settings.processor_kwargs),
         "image_processor": image_processor,
-        "numerics": {
-            "device_type": device_type,
-            "dtype": str(default_dtype(torch.device(device_type), settings.dtype)).removeprefix("torch."),
-            "attn_implementation": settings.attn_implementation,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "numerics": describe_numerics(device, settings.dtype, settings.attn_implementation),
     }
-
-
-def _device_type(device: str) -> str:
-    try:
-        return torch.device(device).type
-    except (RuntimeError, TypeError) as error:
-        raise InputError(None, f"--device {device!r} is not a torch device: {error}") from None
 
 
 def _auto_image_processor() -> str:
