@@ -306,3 +306,11 @@ def test_a_signal_stops_the_run_with_one_line_and_a_rerun_resumes(reference, rl_
     assert "interrupted:" in err and "rerun the same command to resume" in err and "Traceback" not in err
     generate_rl_data.main(argv(rl_inputs, output))
     assert output.read_bytes() == reference.read_bytes()
+
+
+def test_a_limit_below_what_is_journaled_writes_the_first_queries(reference, rl_inputs, tmp_path):
+    limited = tmp_path / "limited.json"
+    journal = ["--journal_dir", str(reference.with_name("rl.json.journal"))]
+    run_without_model(argv(rl_inputs, limited, "--limit", "4", *journal))
+    full = load_rl_data(reference)
+    assert load_rl_data(limited) == {k: full[k] for k in list(full)[:4]}
