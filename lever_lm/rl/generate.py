@@ -267,6 +267,7 @@ def process_queries(request, inputs: Inputs, backend, journal: Journal, shard_qu
         if not todo:
             continue
         proposals = {p.query_idx: p for p in proposer.propose(block)}
+        backend.prefetch([build_prompt(inputs.dataset, q, c.pointer) for q in todo for c in proposals[q].candidates])
         for query_idx, entry, stats in score_block(inputs, backend, [proposals[q] for q in todo], request.eval_mode):
             journal.append(query_idx, entry, stats)
             summary.queries_processed += 1
