@@ -72,6 +72,14 @@ QWEN2_5_VL_3B_VISION = {
     "fullatt_block_indexes": [7, 15, 23, 31],
 }
 QWEN2_5_VL_3B_TIE_WORD_EMBEDDINGS = True
+QWEN2_5_VL_3B_TOKEN_IDS = {
+    "<|endoftext|>": 151643,  # bos, and the tokenizer's pad
+    "<|im_end|>": 151645,  # eos
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
 # Qwen/Qwen2.5-VL-3B-Instruct, preprocessor_config.json.
 QWEN2_5_VL_3B_IMAGE_PROCESSOR = {
     "min_pixels": 3136,
@@ -115,10 +123,15 @@ ANSWERS = ["yes", "no", "two", "red", "wood", "summer", "travel", "tennis", "ita
 
 
 def qwen2_5_vl_3b_config(
-    token_ids: dict[str, int], *, layers: int | None = None, vision_layers: int | None = None, narrow: bool = False
+    token_ids: dict[str, int] = QWEN2_5_VL_3B_TOKEN_IDS,
+    *,
+    layers: int | None = None,
+    vision_layers: int | None = None,
+    narrow: bool = False,
 ) -> Qwen2_5_VLConfig:
-    """The published 3B config at full width; `layers` / `vision_layers` cut the depth (the vision
-    tower keeps the full-attention blocks that fall within it), `narrow` the widths."""
+    """The published 3B config at full width, with the special tokens at `token_ids` (a tokenizer's);
+    `layers` / `vision_layers` cut the depth (the vision tower keeps the full-attention blocks that
+    fall within it), `narrow` the widths."""
     text = {**QWEN2_5_VL_3B_TEXT, **(NARROW_TEXT if narrow else {})}
     vision = {**QWEN2_5_VL_3B_VISION, **(NARROW_VISION if narrow else {})}
     if layers is not None:
@@ -153,8 +166,8 @@ def build_processor(corpus: Iterable[str] = ()) -> ImageOnlyQwen2_5_VLProcessor:
 
 
 def token_ids(processor) -> dict[str, int]:
-    tokens = ("<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    return {token: processor.tokenizer.convert_tokens_to_ids(token) for token in tokens}
+    """The special tokens' ids in `processor`'s tokenizer, for `qwen2_5_vl_3b_config`."""
+    return {token: processor.tokenizer.convert_tokens_to_ids(token) for token in QWEN2_5_VL_3B_TOKEN_IDS}
 
 
 def build_random_model(config: Qwen2_5_VLConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0):

@@ -40,7 +40,7 @@ from lever_lm.vqa.backends.base import (
     resolve_device,
 )
 from lever_lm.vqa.backends.memory import resolve_memory_settings
-from lever_lm.vqa.images import ImageCache, UnreadableImage
+from lever_lm.vqa.images import ImageCache, UnreadableImage, nbytes
 from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
 from lever_lm.vqa.prompts import FewShotPrompt, chat_messages
 
@@ -57,7 +57,7 @@ class PreparedPrompt:
     images: tuple[Any, ...]
 
 
-PREFETCH_CACHE_SHARE = 0.9  # a prefetch stops when the cache is this full
+PREFETCH_CACHE_SHARE = 0.9  # a prefetch fills the cache up to this share, leaving room for generate's misses
 
 
 @dataclass
@@ -193,7 +193,7 @@ class ImageTextToTextBackend:
         if not paths or self.settings.prefetch_threads == 0 or self.image_cache.max_bytes == 0:
             return
         started = time.perf_counter()
-        kept = 0
+        kept = kept_bytes = 0
         with ThreadPoolExecutor(self.settings.prefetch_threads, thread_name_prefix="image-prefetch") as pool:
             ahead = _run_ahead(pool, self._read_and_process, paths, depth=2 * self.settings.prefetch_threads)
             for path, future in zip(paths, ahead):
@@ -208,10 +208,11 @@ class ImageTextToTextBackend:
                 entry = self._tower(processed)
                 if entry is None:  # out of memory: the cache was shrunk; generate prepares the rest
                     break
+                size = nbytes(entry)
+                if kept_bytes + size > self.image_cache.max_bytes * PREFETCH_CACHE_SHARE:
+                    break  # more would evict what this block is about to use (older blocks' images go first)
                 self.image_cache.put(path, entry)
-                kept += 1
-                if self.image_cache.bytes >= self.image_cache.max_bytes * PREFETCH_CACHE_SHARE:
-                    break  # more would evict what this block is about to use
+                kept, kept_bytes = kept + 1, kept_bytes + size
         self.work.prefetched += kept
         self.work.prefetch_s += time.perf_counter() - started
 
