@@ -259,7 +259,7 @@ def run(args, photo_dir: Path) -> dict:
         per_batch[size] = row
         share = f", {row['prefill_share_of_peak']:.0%} of {peak:.0f}" if "prefill_share_of_peak" in row else ""
         print(f"batch {size:3d}: {row['candidates_per_s']:8.2f} candidates/s ({seconds:.1f} s); prefill "
-              f"{t.prefill_s:.1f} s ({row.get("prefill_tflops", 0):.2f} TFLOP/s{share}), decode {t.decode_s:.1f} s, "
+              f"{t.prefill_s:.1f} s ({row.get('prefill_tflops', 0):.2f} TFLOP/s{share}), decode {t.decode_s:.1f} s, "
               f"tower {t.tower_s:.1f} s for {t.tower_calls} photos ({1e3 * t.tower_s / max(t.tower_calls, 1):.0f} "
               f"ms each), processor {backend.work.prepare_s:.1f} s CPU; {row['peak_memory']}")  # fmt: skip
     base = per_batch[args.batch_sizes[0]]["candidates_per_s"]
