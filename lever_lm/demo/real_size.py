@@ -23,6 +23,7 @@ tests that catch size-dependent bugs in seconds.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Iterable
@@ -239,3 +240,32 @@ def random_weight_backend(model, processor, device: torch.device | str, config: 
 
     settings = resolve_settings("chat", config, batch_size=batch_size)
     return Qwen2_5_VLBackend(NAME, model, processor, settings, torch.device(device), Path("(random weights)"))
+
+
+def write_okvqa_size_dataset(root: Path, items: int = 9009, distinct_photos: int = 512, seed: int = 0) -> dict:
+    """An OK-VQA-size training split under `root` (the demo's file layout): `items` questions, one
+    640x480 photo file each (hard links to `distinct_photos` different photos), 10 answers each."""
+    from lever_lm.demo.dataset import Split
+
+    split = Split("train", root)
+    photos = write_photos(root / "photos", distinct_photos, seed=seed)
+    split.image_root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    questions, annotations = [], []
+    for row in range(items):
+        image_id, question_id = 100_000 + row, (100_000 + row) * 10
+        target = split.image_path(image_id)
+        if not target.exists():
+            link_or_copy(photos[row % distinct_photos], target)
+        question, answer = synthetic_question(rng)
+        answers = [answer if rng.random() < 0.7 else rng.choice(ANSWERS) for _ in range(10)]
+        questions.append({"image_id": image_id, "question": question, "question_id": question_id})
+        annotations.append({
+            "question_id": question_id, "image_id": image_id, "question_type": question.split()[0].lower(),
+            "answer_type": "other", "multiple_choice_answer": max(set(answers), key=answers.count),
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)],
+        })  # fmt: skip
+    header = {"info": {"description": "synthetic OK-VQA-size set"}, "data_subtype": "train2014"}
+    split.questions_path.write_text(json.dumps({**header, "questions": questions}), encoding="utf-8")
+    split.annotations_path.write_text(json.dumps({**header, "annotations": annotations}), encoding="utf-8")
+    return {"questions": split.questions_path, "annotations": split.annotations_path, "images": split.image_root}

@@ -14,6 +14,9 @@ import os
 # Threads that sleep when idle instead of spinning: on a shared CPU, spinning OpenMP threads make
 # the proposal matmuls several times slower. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Cached vision features (long-lived) interleave with the tower's transient activations; expandable
+# segments keep the CUDA allocator from stranding memory in half-used blocks. Read when CUDA initialises.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     more.add_argument("--seed", type=int, default=42, help="random seed (per query: seed and query id)")
     more.add_argument("--eval_mode", choices=MODES, default="always", help="VQA accuracy normalisation (SPEC §5)")
-    more.add_argument("--batch_size", type=int, help="prompts per VQA generate call (default: the model's, 16)")
+    more.add_argument("--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory, 16 on CPU)")
     more.add_argument("--num_shards", type=int, default=1, help="split the queries into this many shards")
     more.add_argument("--shard_id", type=int, default=0, help=f"which shard to run (blocks of {PROPOSAL_BLOCK} queries)")
     more.add_argument("--merge", action="store_true", help="combine the journals of shards 0..num_shards-1 into --output_path")
