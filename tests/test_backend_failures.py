@@ -305,3 +305,5 @@ def test_the_vision_tower_can_have_its_own_attention(model_dir):
     backend = fresh_backend(model_dir, vision_attn_implementation="eager")
     assert backend.model.model.visual.config._attn_implementation == "eager"
     assert backend.model.model.language_model.config._attn_implementation == "sdpa"
+    assert backend.describe()["attn_implementation"] == {"text": "sdpa", "vision": "eager"}
+    assert backend.describe()["image_processor"] == "Qwen2VLImageProcessorPil"

@@ -101,7 +101,7 @@ class ImageTextToTextBackend:
         self.name = name
         self.model = model
         self.processor = processor
-        self.settings = settings
+        self.settings = settings = resolve_memory_settings(settings, model, device)  # batch size, cache budget
         self.device = device
         self.model_path = model_path
         self.tokenizer = processor.tokenizer
@@ -109,7 +109,6 @@ class ImageTextToTextBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.generation_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **settings.generation}
-        self.settings = settings = resolve_memory_settings(settings, model, device)
         self.image_cache = ImageCache(self._prepare_image, max_bytes=settings.image_cache_mb * 2**20)
         self.batch_runner = BatchRunner(
             device, settings.batch_size, on_out_of_memory=self._shrink_image_cache, memory_advice=self._memory_advice
@@ -138,6 +137,8 @@ class ImageTextToTextBackend:
             "prompt": asdict(self.settings.prompt),
             "generation": dict(self.settings.generation),
             "processor_kwargs": dict(self.settings.processor_kwargs),
+            "attn_implementation": attention_in_use(self.model),
+            "image_processor": type(getattr(self.processor, "image_processor", None)).__name__,
             "transformers": transformers.__version__,
         }
 
@@ -332,6 +333,15 @@ def load_model_and_processor(path: Path, device: torch.device, settings: VQAMode
     if getattr(processor, "chat_template", None) is None:
         raise InputError(path, "the processor has no chat template; chat prompts cannot be built for this model")
     return model.to(device).eval(), processor
+
+
+def attention_in_use(model) -> dict[str, str | None]:
+    """The attention implementation each part of a loaded model runs (they change answers slightly)."""
+    config = model.config
+    parts = {"text": config.get_text_config()}
+    if getattr(config, "vision_config", None) is not None:
+        parts["vision"] = config.vision_config
+    return {name: getattr(part, "_attn_implementation", None) for name, part in parts.items()}
 
 
 def attn_implementation(settings: VQAModelSettings) -> str | dict | None:

@@ -37,7 +37,8 @@ def resolve_memory_settings(settings: VQAModelSettings, model, device: torch.dev
     batch_size = settings.batch_size
     cache_mb = settings.image_cache_mb
     if batch_size is None:
-        batch_size = DEFAULT_BATCH_SIZE if free is None else auto_batch_size(free, model)
+        beams = settings.generation.get("num_beams", 1)
+        batch_size = DEFAULT_BATCH_SIZE if free is None else auto_batch_size(free, model, beams=beams)
     if cache_mb is None:
         cache_mb = DEFAULT_IMAGE_CACHE_MB if free is None else int(free * IMAGE_CACHE_SHARE) // 2**20
     if free is not None and (settings.batch_size is None or settings.image_cache_mb is None):
