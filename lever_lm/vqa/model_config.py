@@ -130,7 +130,8 @@ def resolve_settings(
     if section.get("image_cache_mb") is not None:
         updates["image_cache_mb"] = _non_negative_int(section["image_cache_mb"], f"config '{SECTION}.image_cache_mb'")
     if "prefetch_threads" in section:
-        updates["prefetch_threads"] = _non_negative_int(section["prefetch_threads"], f"config '{SECTION}.prefetch_threads'")
+        where = f"config '{SECTION}.prefetch_threads'"
+        updates["prefetch_threads"] = _non_negative_int(section["prefetch_threads"], where)
     if "processor_kwargs" in section:
         updates["processor_kwargs"] = _mapping(section["processor_kwargs"], f"{SECTION}.processor_kwargs")
     for key in ("dtype", "attn_implementation", "vision_attn_implementation"):

@@ -160,7 +160,8 @@ class ImageTextToTextBackend:
             outcomes = self.batch_runner.run_with_retry([prepared for _, prepared in ready], self._generate_texts)
             self.work.generate_s += time.perf_counter() - started
             for (i, _), outcome in zip(ready, outcomes):
-                results[i] = Generation.failed(outcome.reason) if isinstance(outcome, Failed) else Generation.from_raw(outcome)
+                failed = isinstance(outcome, Failed)
+                results[i] = Generation.failed(outcome.reason) if failed else Generation.from_raw(outcome)
         self.work.prompts += len(indices)
         self.batch_runner.observe([results[i].error for i in indices])
 
