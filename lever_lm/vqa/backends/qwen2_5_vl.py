@@ -16,7 +16,8 @@ work: the chat texts with each `<|image_pad|>` expanded to the image's token cou
 `Qwen2_5_VLProcessor` does), left-padded, plus each image's grid (for the 3D rotary positions)
 and its cached features, handed to `generate` as precomputed `mm_encoder_outputs`. Left padding is
 safe: the 3D rotary positions are computed from the attention mask, so a padded row gets the same
-positions, and the same answer, as the prompt alone.
+positions, and on CPU in float32 the same answer, as the prompt alone (on a GPU in bf16, rounding
+depends on the batch shape, so rare near-ties can flip).
 
 With a transformers version whose Qwen2.5-VL `forward` has no `mm_encoder_outputs`, step 3 is
 skipped and the cached processed pixels are passed instead (the vision tower then runs per batch).
@@ -25,7 +26,9 @@ And the prompt is read once, not once per beam: `generate` with 3 beams copies e
 times before its first forward pass, and that prefill of ~1,000-token prompts is nearly all the
 cost of a 5-token answer. So the backend runs the forward pass over each prompt but its last token
 itself, copies the resulting KV cache 3 times, and lets `generate` (the same beam search) go on
-from there: one third of the prefill work, the same answers (the tests compare both ways).
+from there: one third of the prefill work, the same answers on CPU in float32 (the tests compare
+both ways; on a GPU in bf16 the last prompt token runs as a cached one-token step, another kernel,
+so rare near-ties can flip: the GPU check measures the agreement).
 """
 
 from __future__ import annotations
