@@ -38,6 +38,10 @@ class RecordingBackend:
         self.batch_size = batch_size
         self.fail = set(fail)
         self.calls: list[list[tuple]] = []
+        self.prefetched: list[tuple] = []
+
+    def prefetch(self, prompts):
+        self.prefetched += [(p.query.image.name, tuple(s.image.name for s in p.shots)) for p in prompts]
 
     def generate(self, prompts):
         self.calls.append([(p.query.image.name, tuple(s.image.name for s in p.shots)) for p in prompts])
@@ -80,6 +84,7 @@ def test_a_resumed_block_sends_exactly_the_fresh_runs_chunks_that_hold_work(inpu
     assert [r.query_idx for r in results] == block[5:]
     todo_images = {inputs.dataset.image_path(q).name for q in block[5:]}
     assert resumed.calls == [call for call in fresh.calls if any(q in todo_images for q, _ in call)]
+    assert resumed.prefetched == [prompt for call in resumed.calls for prompt in call], "images prepared ahead"
     assert len(resumed.calls) < len(fresh.calls)
     assert [r.entry for r in results] == [r.entry for r in fresh_results[5:]]
 

@@ -56,6 +56,9 @@ class NoModel:
 
     batch_size = 4
 
+    def prefetch(self, prompts):
+        raise AssertionError("the VQA model must not be used when every query is journaled")
+
     def generate(self, prompts):
         raise AssertionError("the VQA model must not be used when every query is journaled")
 

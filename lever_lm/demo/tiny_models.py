@@ -81,12 +81,24 @@ TINY_QWEN_IMAGE_PIXELS = 56 * 56
 TINY_CLIP_IMAGE_SIZE = 32
 
 
-def build_tiny_qwen2_5_vl(out_dir: Path, corpus: Iterable[str], seed: int = 0) -> Path:
-    """Write a tiny Qwen2.5-VL (random weights) with tokenizer, image processor and chat template."""
+def build_qwen_tokenizer(corpus: Iterable[str], vocab_size: int = 600, fill_to: int | None = None) -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer (Qwen's pre-tokenizer and special tokens) with a BPE vocabulary trained on `corpus`.
+
+    `fill_to` appends placeholder words (" w<id>", never produced by encoding: no merge leads to
+    them) up to that many ids, so that every id a model with that vocabulary emits decodes to text.
+    """
     splitter = Qwen2Tokenizer().backend_tokenizer
-    vocab, merges = train_bpe(corpus, vocab_size=600, special_tokens=QWEN_SPECIAL_TOKENS, splitter=splitter)
+    vocab, merges = train_bpe(corpus, vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, splitter=splitter)
+    for i in range(len(vocab), fill_to or 0):
+        vocab[f"\u0120w{i}"] = i  # "\u0120" is byte-level BPE's space
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    return tokenizer
+
+
+def build_tiny_qwen2_5_vl(out_dir: Path, corpus: Iterable[str], seed: int = 0) -> Path:
+    """Write a tiny Qwen2.5-VL (random weights) with tokenizer, image processor and chat template."""
+    tokenizer = build_qwen_tokenizer(corpus)
     token_id = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config=dict(

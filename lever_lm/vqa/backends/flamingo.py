@@ -27,13 +27,16 @@ import torch
 
 from lever_lm.errors import InputError
 from lever_lm.vqa.backends.base import (
+    BatchRunner,
+    DeviceOutOfMemory,
+    Failed,
     Generation,
+    GenerationAborted,
     default_dtype,
     describe_numerics,
-    failure_reason,
     resolve_device,
-    run_with_retry,
 )
+from lever_lm.vqa.backends.memory import resolve_memory_settings
 from lever_lm.vqa.flamingo.generation import FlamingoForGeneration
 from lever_lm.vqa.flamingo.loading import LoadedFlamingo, clip_pixels, load_openflamingo, locate_files
 from lever_lm.vqa.images import ImageCache, UnreadableImage
@@ -57,7 +60,7 @@ class FlamingoBackend:
 
     def __init__(self, name: str, loaded: LoadedFlamingo, settings: VQAModelSettings, device: torch.device, path: Path):
         self.name = name
-        self.settings = settings
+        self.settings = settings = resolve_memory_settings(settings, loaded.model, device)  # batch size, cache
         self.device = device
         self.model_path = path
         self.model = loaded.model
@@ -71,6 +74,7 @@ class FlamingoBackend:
             **settings.generation,
         }
         self.image_cache = ImageCache(self._prepare_image, max_bytes=settings.image_cache_mb * 2**20)
+        self.batch_runner = BatchRunner(device, settings.batch_size, on_out_of_memory=self.image_cache.shrink)
 
     # -- the interface -------------------------------------------------------------------------
 
@@ -86,6 +90,9 @@ class FlamingoBackend:
     def batch_size(self) -> int:
         return self.settings.batch_size
 
+    def prefetch(self, prompts: Sequence[FewShotPrompt]) -> None:
+        """Nothing ahead of time here: each image is prepared when a batch first needs it."""
+
     # -- batching ------------------------------------------------------------------------------
 
     def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list) -> None:
@@ -95,17 +102,17 @@ class FlamingoBackend:
                 ready.append((i, self._prepare(prompts[i])))
             except UnreadableImage as error:
                 results[i] = Generation.failed(str(error))
+            except (GenerationAborted, DeviceOutOfMemory):
+                raise
             except Exception as error:  # noqa: BLE001 -- e.g. an image the vision tower rejects: this prompt only
                 results[i] = Generation.failed(f"preparing the prompt failed: {type(error).__name__}: {error}")
         if not ready:
             return
-        outcomes = run_with_retry([prepared for _, prepared in ready], self._generate_texts, self.device)
+        outcomes = self.batch_runner.run_with_retry([prepared for _, prepared in ready], self._generate_texts)
         for (i, _), outcome in zip(ready, outcomes):
-            results[i] = (
-                Generation.failed(failure_reason(outcome))
-                if isinstance(outcome, Exception)
-                else Generation.from_raw(outcome)
-            )
+            failed = isinstance(outcome, Failed)
+            results[i] = Generation.failed(outcome.reason) if failed else Generation.from_raw(outcome)
+        self.batch_runner.observe([results[i].error for i in indices])
 
     def _prepare(self, prompt: FewShotPrompt) -> PreparedPrompt:
         text = flamingo_text(prompt, self.settings.prompt)

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +30,18 @@ import torch
 
 from lever_lm.errors import InputError
 from lever_lm.vqa.backends.base import (
+    BatchRunner,
+    DeviceOutOfMemory,
+    Failed,
     Generation,
+    GenerationAborted,
+    bind_device,
     default_dtype,
     describe_numerics,
-    failure_reason,
     resolve_device,
-    run_with_retry,
 )
-from lever_lm.vqa.images import ImageCache, UnreadableImage
+from lever_lm.vqa.backends.memory import resolve_memory_settings
+from lever_lm.vqa.images import ImageCache, UnreadableImage, nbytes
 from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
 from lever_lm.vqa.prompts import FewShotPrompt, chat_messages
 
@@ -51,6 +58,43 @@ class PreparedPrompt:
     images: tuple[Any, ...]
 
 
+PREFETCH_CACHE_SHARE = 0.9  # a prefetch fills the cache up to this share, leaving room for generate's misses
+
+
+@dataclass
+class WorkTimes:
+    """Where a block's time went, for the log: host-side image work (read, decode, processor;
+    CPU-seconds summed over the prefetch threads), the vision tower, and the generate calls."""
+
+    prompts: int = 0
+    images: int = 0  # through the vision tower
+    prefetched: int = 0
+    prepare_s: float = 0.0
+    tower_s: float = 0.0
+    generate_s: float = 0.0
+    prefetch_s: float = 0.0  # wall time of the prefetch calls
+
+    def report(self, cache: ImageCache) -> str:
+        rate = cache.hit_rate
+        return (
+            f"{self.prompts} prompts: image cache {len(cache)} images, {cache.bytes / 2**20:.0f} of "
+            f"{cache.max_bytes / 2**20:.0f} MB, hit rate {'-' if rate is None else f'{rate:.0%}'}; "
+            f"{self.images} images through the tower ({self.prefetched} ahead of use); "
+            f"prepare {self.prepare_s:.1f} s (CPU), tower {self.tower_s:.1f} s, generate {self.generate_s:.1f} s"
+        )
+
+
+def _run_ahead(pool: ThreadPoolExecutor, work: Callable, items: Sequence, depth: int) -> Iterator[Future]:
+    """`pool.submit(work, item)` for each item, in order, at most `depth` running ahead of the consumer."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(work, item))
+        if len(pending) > depth:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
 class ImageTextToTextBackend:
     """Batched few-shot VQA with a Hugging Face chat VLM (see the module doc)."""
 
@@ -58,7 +102,7 @@ class ImageTextToTextBackend:
         self.name = name
         self.model = model
         self.processor = processor
-        self.settings = settings
+        self.settings = settings = resolve_memory_settings(settings, model, device)  # batch size, cache budget
         self.device = device
         self.model_path = model_path
         self.tokenizer = processor.tokenizer
@@ -67,6 +111,10 @@ class ImageTextToTextBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.generation_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **settings.generation}
         self.image_cache = ImageCache(self._prepare_image, max_bytes=settings.image_cache_mb * 2**20)
+        self.batch_runner = BatchRunner(
+            device, settings.batch_size, on_out_of_memory=self._shrink_image_cache, memory_advice=self._memory_advice
+        )
+        self.work = WorkTimes()
 
     # -- the interface -------------------------------------------------------------------------
 
@@ -91,17 +139,19 @@ class ImageTextToTextBackend:
                 ready.append((i, self._prepare(prompts[i])))
             except UnreadableImage as error:
                 results[i] = Generation.failed(str(error))
+            except (GenerationAborted, DeviceOutOfMemory):
+                raise
             except Exception as error:  # noqa: BLE001 -- e.g. an image the processor rejects: this prompt only
                 results[i] = Generation.failed(f"preparing the prompt failed: {type(error).__name__}: {error}")
-        if not ready:
-            return
-        outcomes = run_with_retry([prepared for _, prepared in ready], self._generate_texts, self.device)
-        for (i, _), outcome in zip(ready, outcomes):
-            results[i] = (
-                Generation.failed(failure_reason(outcome))
-                if isinstance(outcome, Exception)
-                else Generation.from_raw(outcome)
-            )
+        if ready:
+            started = time.perf_counter()
+            outcomes = self.batch_runner.run_with_retry([prepared for _, prepared in ready], self._generate_texts)
+            self.work.generate_s += time.perf_counter() - started
+            for (i, _), outcome in zip(ready, outcomes):
+                failed = isinstance(outcome, Failed)
+                results[i] = Generation.failed(outcome.reason) if failed else Generation.from_raw(outcome)
+        self.work.prompts += len(indices)
+        self.batch_runner.observe([results[i].error for i in indices])
 
     def _prepare(self, prompt: FewShotPrompt) -> PreparedPrompt:
         messages = chat_messages(prompt, self.settings.prompt)
@@ -115,11 +165,99 @@ class ImageTextToTextBackend:
             output = self.model.generate(**inputs, **self.generation_kwargs)
         return self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
 
-    # -- what the Qwen2.5-VL backend overrides ---------------------------------------------------
+    # -- images ------------------------------------------------------------------------------------
+
+    def prefetch(self, prompts: Sequence[FewShotPrompt]) -> None:
+        """Prepare the prompts' images that are not cached yet, before `generate` needs them.
+
+        The generator calls this after proposing a block. Reading and processing (CPU) run in
+        `settings.prefetch_threads` threads, a few images ahead of the vision tower, which takes each
+        image alone in first-use order: an image's features are the same as when `generate` prepares
+        it. Only as many images as the cache holds are prepared; a failure is left for `generate`,
+        which meets it again and fails that prompt. Also logs the previous block's work (`WorkTimes`).
+        """
+        if self.work.prompts:
+            log.info("%s", self.work.report(self.image_cache))
+            self.work = WorkTimes()
+        paths = self.image_cache.missing(path for prompt in prompts for path in prompt.images)
+        if not paths or self.settings.prefetch_threads == 0 or self.image_cache.max_bytes == 0:
+            return
+        started = time.perf_counter()
+        kept = kept_bytes = 0
+        with ThreadPoolExecutor(self.settings.prefetch_threads, thread_name_prefix="image-prefetch") as pool:
+            ahead = _run_ahead(pool, self._read_and_process, paths, depth=2 * self.settings.prefetch_threads)
+            for path, future in zip(paths, ahead):
+                try:
+                    processed, seconds = future.result()
+                except UnreadableImage as error:
+                    self.image_cache.remember_unreadable(path, str(error))
+                    continue
+                except Exception:  # noqa: BLE001 -- e.g. an image the processor rejects: generate reports it
+                    continue
+                self.work.prepare_s += seconds
+                entry = self._tower(processed)
+                if entry is None:  # out of memory: the cache was shrunk; generate prepares the rest
+                    break
+                size = nbytes(entry)
+                if kept_bytes + size > self.image_cache.max_bytes * PREFETCH_CACHE_SHARE:
+                    break  # more would evict what this block is about to use (older blocks' images go first)
+                self.image_cache.put(path, entry)
+                kept, kept_bytes = kept + 1, kept_bytes + size
+        self.work.prefetched += kept
+        self.work.prefetch_s += time.perf_counter() - started
 
     def _prepare_image(self, image):
-        """What the cache keeps per image: here the decoded picture."""
+        """What the cache keeps per image (the cache calls this on a miss)."""
+        started = time.perf_counter()
+        processed = self._process_image(image)
+        self.work.prepare_s += time.perf_counter() - started
+        return self.batch_runner.call(lambda: self._timed_entry(processed))
+
+    def _read_and_process(self, path: Path):
+        """In a prefetch thread: the decoded, processed image and the seconds it took."""
+        started = time.perf_counter()
+        processed = self._process_image(self.image_cache.read(path))
+        return processed, time.perf_counter() - started
+
+    def _tower(self, processed):
+        """`_image_entry` with the memory rules of `generate`; None when memory ran out (cache shrunk)."""
+        try:
+            return self.batch_runner.call(lambda: self._timed_entry(processed))
+        except DeviceOutOfMemory:
+            return None
+
+    def _timed_entry(self, processed):
+        started = time.perf_counter()
+        entry = self._image_entry(processed)
+        self.work.tower_s += time.perf_counter() - started
+        self.work.images += 1
+        return entry
+
+    def _shrink_image_cache(self) -> None:
+        before = self.image_cache.max_bytes
+        self.image_cache.shrink()
+        log.warning(
+            "out of memory: image cache budget %d -> %d MB (set vqa_model.image_cache_mb to choose it)",
+            before // 2**20,
+            self.image_cache.max_bytes // 2**20,
+        )
+
+    def _memory_advice(self) -> str:
+        return (
+            f"vqa_model.image_cache_mb (now {self.image_cache.max_bytes // 2**20} MB), the image size "
+            "(vqa_model.processor_kwargs: {size: {longest_edge: ...}}, the max_pixels), or vqa_model.dtype "
+            "(now " + str(self.model.dtype).removeprefix("torch.") + "); --batch_size is already down to 1"
+        )
+
+    # -- what the Qwen2.5-VL backend overrides ---------------------------------------------------
+
+    def _process_image(self, image):
+        """The host-side work on a decoded image (thread-safe: prefetch runs it in threads); here none."""
         return image
+
+    def _image_entry(self, processed):
+        """What the cache keeps per image, from `_process_image`'s result: here the decoded picture."""
+        return processed
 
     def _encode(self, batch: list[PreparedPrompt]) -> dict:
         """The `generate` inputs of a batch: the processor does text, padding and pixels."""
@@ -173,7 +311,9 @@ def load_model_and_processor(path: Path, device: torch.device, settings: VQAMode
     from lever_lm.vqa.backends.processor import load_processor
 
     dtype = default_dtype(device, settings.dtype)
-    extra = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
+    bind_device(device)
+    attention = attn_implementation(settings)
+    extra = {"attn_implementation": attention} if attention else {}
     try:
         processor = load_processor(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
@@ -206,7 +346,7 @@ def describe_chat_model(name: str, path: Path, settings: VQAModelSettings, devic
         "generation": dict(settings.generation),
         "processor_kwargs": dict(settings.processor_kwargs),
         "image_processor": image_processor,
-        "numerics": describe_numerics(device, settings.dtype, settings.attn_implementation),
+        "numerics": describe_numerics(device, settings.dtype, attn_implementation(settings)),
     }
 
 
@@ -215,6 +355,23 @@ def _auto_image_processor() -> str:
     import importlib.util
 
     return "auto, torchvision " + ("present" if importlib.util.find_spec("torchvision") else "absent")
+
+
+def attention_in_use(model) -> dict[str, str | None]:
+    """The attention implementation each part of a loaded model runs (they change answers slightly)."""
+    config = model.config
+    parts = {"text": config.get_text_config()}
+    if getattr(config, "vision_config", None) is not None:
+        parts["vision"] = config.vision_config
+    return {name: getattr(part, "_attn_implementation", None) for name, part in parts.items()}
+
+
+def attn_implementation(settings: VQAModelSettings) -> str | dict | None:
+    """The `attn_implementation` argument: one for the whole model, or one per part when the vision
+    tower has its own (`vision_attn_implementation`)."""
+    if settings.vision_attn_implementation is None:
+        return settings.attn_implementation
+    return {"vision_config": settings.vision_attn_implementation, "text_config": settings.attn_implementation}
 
 
 def load(
