@@ -10,12 +10,23 @@ settings not given in the config come from the model's `generation_config.json`,
 and normalises them per batch, since how to split a batch's processed pixels back per image differs
 between model families -- `qwen2_5_vl` caches the finished per-image work for its family.
 
-This class is also the base of the Qwen2.5-VL backend, which overrides only how a batch is
-encoded (`_prepare_image`, `_encode`).
+The chat is rendered and tokenised by `chat_encoding.ChatEncoder`, so the text of a control token
+inside a question, answer, template or system prompt is plain text, never the token.
+
+Asked for replies (`generate(prompts, replies)`), the backend also gives each prompt the
+teacher-forced log-probability of each reply (`reply_likelihood`): it runs the forward pass over
+the batch's prompts but their last token once, and scores all the batch's replies as one batch of
+continuations from that cache. Here generation itself stays the plain `generate` call, so the
+answers are those generation alone gives; the Qwen2.5-VL backend (`share_prefill`) also starts its
+beam search from that prefill, which makes the likelihoods nearly free there.
+
+This class is also the base of the Qwen2.5-VL backend, which overrides how a batch is encoded
+(`_prepare_image`, `_encode`) and turns `share_prefill` on.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -33,6 +44,8 @@ from lever_lm.vqa.backends.base import (
     resolve_device,
     run_with_retry,
 )
+from lever_lm.vqa.backends.chat_encoding import ChatEncoder
+from lever_lm.vqa.backends.reply_likelihood import TEXT_KEYS, reply_logprobs
 from lever_lm.vqa.images import ImageCache, UnreadableImage
 from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
 from lever_lm.vqa.prompts import FewShotPrompt, chat_messages
@@ -44,14 +57,18 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A prompt ready to batch: its chat rendered to text, and its images as the cache holds them."""
+    """A prompt ready to batch: its chat rendered to text, its images as the cache holds them, and the
+    tokens of each reply to score (its tokens and the end-of-turn token; None: no replies asked)."""
 
-    text: str
+    text: str  # control-token text inside the user's strings escaped (chat_encoding)
     images: tuple[Any, ...]
+    reply_tokens: tuple[tuple[int, ...], ...] | None = None
 
 
 class ImageTextToTextBackend:
     """Batched few-shot VQA with a Hugging Face chat VLM (see the module doc)."""
+
+    share_prefill = False  # beam search from one prefill per prompt (see the Qwen2.5-VL backend)
 
     def __init__(self, name: str, model, processor, settings: VQAModelSettings, device: torch.device, model_path: Path):
         self.name = name
@@ -66,15 +83,28 @@ class ImageTextToTextBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.generation_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **settings.generation}
         self.image_cache = ImageCache(self._prepare_image, max_bytes=settings.image_cache_mb * 2**20)
+        self.chat = ChatEncoder(processor)
+        forward_parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+        self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
+        self._reply_warnings: set[str] = set()
 
     # -- the interface -------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
-        """One Generation per prompt, same order, `settings.batch_size` prompts per generate call."""
+    def generate(
+        self, prompts: Sequence[FewShotPrompt], replies: Sequence[Sequence[str] | None] | None = None
+    ) -> list[Generation]:
+        """One Generation per prompt, same order, `settings.batch_size` prompts per generate call.
+
+        `replies[i]`: the strings whose log-probabilities `prompts[i]`'s Generation carries in
+        `reply_logprobs` (see `base.Generation`); the answers are the same with or without them.
+        """
+        if replies is not None and len(replies) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
         results: list[Generation | None] = [None] * len(prompts)
         size = self.settings.batch_size
         for start in range(0, len(prompts), size):
-            self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results)
+            self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results, replies)
         return results  # type: ignore[return-value]
 
     def describe(self) -> dict:
@@ -94,11 +124,11 @@ class ImageTextToTextBackend:
 
     # -- batching ------------------------------------------------------------------------------
 
-    def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list) -> None:
+    def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list, replies=None) -> None:
         ready: list[tuple[int, PreparedPrompt]] = []
         for i in indices:
             try:
-                ready.append((i, self._prepare(prompts[i])))
+                ready.append((i, self._prepare(prompts[i], None if replies is None else replies[i])))
             except UnreadableImage as error:
                 results[i] = Generation.failed(str(error))
             except Exception as error:  # noqa: BLE001 -- e.g. an image the processor rejects: this prompt only
@@ -107,23 +137,76 @@ class ImageTextToTextBackend:
             return
         outcomes = run_with_retry([prepared for _, prepared in ready], self._generate_texts, self.device)
         for (i, _), outcome in zip(ready, outcomes):
-            results[i] = (
-                Generation.failed(failure_reason(outcome))
-                if isinstance(outcome, Exception)
-                else Generation.from_raw(outcome)
-            )
+            results[i] = Generation.failed(failure_reason(outcome)) if isinstance(outcome, Exception) else outcome
 
-    def _prepare(self, prompt: FewShotPrompt) -> PreparedPrompt:
+    def _prepare(self, prompt: FewShotPrompt, replies: Sequence[str] | None = None) -> PreparedPrompt:
         messages = chat_messages(prompt, self.settings.prompt)
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return PreparedPrompt(text=text, images=tuple(self.image_cache.get(path) for path in prompt.images))
+        text = self.chat.render_prompt(messages)
+        images = tuple(self.image_cache.get(path) for path in prompt.images)
+        return PreparedPrompt(text=text, images=images, reply_tokens=self._reply_tokens(messages, text, replies))
 
-    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[str]:
+    def _reply_tokens(self, messages: list[dict], text: str, replies: Sequence[str] | None):
+        """Each reply's tokens, or None (with a warning, once per reason) when they cannot be told apart."""
+        if replies is None:
+            return None
+        try:
+            return self.chat.reply_tokens(messages, text, replies)
+        except ValueError as error:  # a ReplyEncodingError, or a reply holding a reserved character
+            if str(error) not in self._reply_warnings:
+                self._reply_warnings.add(str(error))
+                log.warning("no reply likelihoods for prompts of this kind: %s", error)
+            return None
+
+    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[Generation]:
+        """Each prompt's Generation: the decoded answer and, where asked, its replies' log-probabilities.
+
+        The prefill (each prompt but its last token) is run when beam search starts from it
+        (`share_prefill`) or when replies are scored; replies are scored before beam search
+        extends the cache.
+        """
         inputs = self._encode(batch)
-        prompt_length = inputs["input_ids"].shape[1]
+        beams = self.generation_kwargs.get("num_beams", 1)
+        from_prefill = self.share_prefill and beams > 1
+        scoring = any(prepared.reply_tokens for prepared in batch)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **self.generation_kwargs)
-        return self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+            cache = self._prefill(inputs) if from_prefill or scoring else None
+            logprobs = self._reply_logprobs(batch, inputs, cache, max_rows=len(batch) * beams)
+            if from_prefill:
+                cache.batch_repeat_interleave(beams)  # row b -> rows b*beams .. b*beams+beams-1, as generate expands
+                text_inputs = {key: inputs[key] for key in TEXT_KEYS if key in inputs}
+                output = self.model.generate(
+                    **text_inputs, **{self._cache_argument: cache}, **self.generation_kwargs
+                )
+            else:
+                output = self.model.generate(**inputs, **self.generation_kwargs)
+        texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [Generation.from_raw(text, reply_logprobs=scores) for text, scores in zip(texts, logprobs)]
+
+    def _prefill(self, inputs: dict):
+        """The KV cache of each prompt but its last token: images, cache and the model's position offsets
+        (kept by Qwen2.5-VL for the steps that follow) come from here; the last token is plain text."""
+        prefix = {key: value[:, :-1] if key in TEXT_KEYS else value for key, value in inputs.items()}
+        output = self.model(**prefix, use_cache=True, **self._prefill_kwargs)
+        return getattr(output, self._cache_argument)
+
+    def _reply_logprobs(self, batch: list[PreparedPrompt], inputs: dict, cache, max_rows: int) -> list:
+        """Per prompt: its replies' log-probabilities in order, or None when none were asked (or possible).
+        Each distinct (prompt, reply tokens) is scored once."""
+        rows = list(dict.fromkeys((b, tokens) for b, p in enumerate(batch) for tokens in p.reply_tokens or ()))
+        scores = reply_logprobs(
+            self.model,
+            cache,
+            inputs,
+            rows,
+            cache_argument=self._cache_argument,
+            pad_token_id=self.tokenizer.pad_token_id,
+            max_rows=max(1, max_rows),
+        )
+        by_row = dict(zip(rows, scores))
+        return [
+            None if p.reply_tokens is None else tuple(by_row[(b, tokens)] for tokens in p.reply_tokens)
+            for b, p in enumerate(batch)
+        ]
 
     # -- what the Qwen2.5-VL backend overrides ---------------------------------------------------
 
@@ -133,8 +216,9 @@ class ImageTextToTextBackend:
 
     def _encode(self, batch: list[PreparedPrompt]) -> dict:
         """The `generate` inputs of a batch: the processor does text, padding and pixels."""
-        inputs = self.processor(
-            text=[prepared.text for prepared in batch],
+        texts = [prepared.text for prepared in batch]
+        inputs = self.chat.processor_for(texts)(
+            text=texts,
             images=[list(prepared.images) for prepared in batch],
             padding=True,
             return_tensors="pt",
