@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lever_lm.demo.dataset import Split
-from lever_lm.vqa.backends import load_backend
+from lever_lm.vqa.backends import image_text_to_text, load_backend
 from lever_lm.vqa.backends.chat_encoding import ReplyEncodingError
 from lever_lm.vqa.expected_accuracy import distinct_answers
 from lever_lm.vqa.images import read_rgb
@@ -153,12 +153,20 @@ def test_deterministic_and_duplicates_scored_alike(qwen, work, qwen_scored):
     assert doubled[: len(replies[0])] == doubled[len(replies[0]) :]
 
 
-@pytest.mark.parametrize(("precompute_vision", "share_prefill"), [(False, True), (True, False)])
-def test_every_qwen_path_gives_the_same_likelihoods(model_dir, work, qwen_scored, precompute_vision, share_prefill):
-    """Pixels instead of cached features; a prefill of its own instead of the one beam search starts from."""
+@pytest.mark.parametrize(
+    ("precompute_vision", "share_prefill", "generation_cache"),
+    [(False, True, True), (True, False, True), (True, True, False)],
+)
+def test_every_qwen_path_gives_the_same_likelihoods(
+    model_dir, work, qwen_scored, monkeypatch, precompute_vision, share_prefill, generation_cache
+):
+    """Pixels instead of cached features; beam search with a prefill per beam; and a prefill of the
+    replies' own instead of the cache generation leaves (for caches that cannot be cut back)."""
     prompts, replies = work
     backend = load_backend("qwen2.5_vl_3B", model_path=str(model_dir), batch_size=16)
     backend.precompute_vision, backend.share_prefill = precompute_vision, share_prefill
+    if not generation_cache:
+        monkeypatch.setattr(image_text_to_text, "prompt_cache", lambda output, shape: None)
     for got, expected in zip(backend.generate(prompts, replies), qwen_scored):
         assert got.raw == expected.raw
         assert got.reply_logprobs == pytest.approx(expected.reply_logprobs, abs=1e-5)

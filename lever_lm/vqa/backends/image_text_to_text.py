@@ -14,11 +14,11 @@ The chat is rendered and tokenised by `chat_encoding.ChatEncoder`, so the text o
 inside a question, answer, template or system prompt is plain text, never the token.
 
 Asked for replies (`generate(prompts, replies)`), the backend also gives each prompt the
-teacher-forced log-probability of each reply (`reply_likelihood`): it runs the forward pass over
-the batch's prompts but their last token once, and scores all the batch's replies as one batch of
-continuations from that cache. Here generation itself stays the plain `generate` call, so the
-answers are those generation alone gives; the Qwen2.5-VL backend (`share_prefill`) also starts its
-beam search from that prefill, which makes the likelihoods nearly free there.
+teacher-forced log-probability of each reply (`reply_likelihood`). Generation runs exactly as
+without replies, so the answers are the same; then the prompts' part of the KV cache generation
+leaves (every beam row of a prompt holds the same prompt) is cut back to each prompt but its last
+token, and all the batch's replies are scored as one batch of continuations from it. The prompts
+are read once, by generation, and the likelihoods cost only the replies' own tokens.
 
 This class is also the base of the Qwen2.5-VL backend, which overrides how a batch is encoded
 (`_prepare_image`, `_encode`) and turns `share_prefill` on.
@@ -45,7 +45,7 @@ from lever_lm.vqa.backends.base import (
     run_with_retry,
 )
 from lever_lm.vqa.backends.chat_encoding import ChatEncoder
-from lever_lm.vqa.backends.reply_likelihood import TEXT_KEYS, reply_logprobs
+from lever_lm.vqa.backends.reply_likelihood import TEXT_KEYS, prompt_cache, reply_logprobs
 from lever_lm.vqa.images import ImageCache, UnreadableImage
 from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
 from lever_lm.vqa.prompts import FewShotPrompt, chat_messages
@@ -160,26 +160,24 @@ class ImageTextToTextBackend:
     def _generate_texts(self, batch: list[PreparedPrompt]) -> list[Generation]:
         """Each prompt's Generation: the decoded answer and, where asked, its replies' log-probabilities.
 
-        The prefill (each prompt but its last token) is run when beam search starts from it
-        (`share_prefill`) or when replies are scored; replies are scored before beam search
-        extends the cache.
+        With `share_prefill` (and beams), beam search starts from one prefill per prompt instead of
+        one per beam. Replies are scored after generation, from the prompts' part of the cache
+        generation leaves: the very prompt the answers came from, read once.
         """
         inputs = self._encode(batch)
         beams = self.generation_kwargs.get("num_beams", 1)
-        from_prefill = self.share_prefill and beams > 1
-        scoring = any(prepared.reply_tokens for prepared in batch)
+        generation_kwargs = {**self.generation_kwargs, "return_dict_in_generate": True}
         with torch.inference_mode():
-            cache = self._prefill(inputs) if from_prefill or scoring else None
-            logprobs = self._reply_logprobs(batch, inputs, cache, max_rows=len(batch) * beams)
-            if from_prefill:
+            if self.share_prefill and beams > 1:
+                cache = self._prefill(inputs)
                 cache.batch_repeat_interleave(beams)  # row b -> rows b*beams .. b*beams+beams-1, as generate expands
                 text_inputs = {key: inputs[key] for key in TEXT_KEYS if key in inputs}
-                output = self.model.generate(
-                    **text_inputs, **{self._cache_argument: cache}, **self.generation_kwargs
-                )
+                output = self.model.generate(**text_inputs, **{self._cache_argument: cache}, **generation_kwargs)
             else:
-                output = self.model.generate(**inputs, **self.generation_kwargs)
-        texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                output = self.model.generate(**inputs, **generation_kwargs)
+            logprobs = self._reply_logprobs(batch, inputs, output, max_rows=len(batch) * beams)
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [Generation.from_raw(text, reply_logprobs=scores) for text, scores in zip(texts, logprobs)]
 
     def _prefill(self, inputs: dict):
@@ -189,19 +187,23 @@ class ImageTextToTextBackend:
         output = self.model(**prefix, use_cache=True, **self._prefill_kwargs)
         return getattr(output, self._cache_argument)
 
-    def _reply_logprobs(self, batch: list[PreparedPrompt], inputs: dict, cache, max_rows: int) -> list:
+    def _reply_logprobs(self, batch: list[PreparedPrompt], inputs: dict, output, max_rows: int) -> list:
         """Per prompt: its replies' log-probabilities in order, or None when none were asked (or possible).
-        Each distinct (prompt, reply tokens) is scored once."""
+        Each distinct (prompt, reply tokens) is scored once; the prompts' cache is generation's, cut back
+        (or, for a cache that cannot be cut back, a prefill of its own)."""
         rows = list(dict.fromkeys((b, tokens) for b, p in enumerate(batch) for tokens in p.reply_tokens or ()))
-        scores = reply_logprobs(
-            self.model,
-            cache,
-            inputs,
-            rows,
-            cache_argument=self._cache_argument,
-            pad_token_id=self.tokenizer.pad_token_id,
-            max_rows=max(1, max_rows),
-        )
+        scores = []
+        if rows:
+            cache = prompt_cache(output, inputs["input_ids"].shape)
+            scores = reply_logprobs(
+                self.model,
+                cache if cache is not None else self._prefill(inputs),
+                inputs,
+                rows,
+                cache_argument=self._cache_argument,
+                pad_token_id=self.tokenizer.pad_token_id,
+                max_rows=max(1, max_rows),
+            )
         by_row = dict(zip(rows, scores))
         return [
             None if p.reply_tokens is None else tuple(by_row[(b, tokens)] for tokens in p.reply_tokens)

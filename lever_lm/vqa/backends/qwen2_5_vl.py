@@ -24,8 +24,8 @@ times before its first forward pass, and that prefill of ~1,000-token prompts is
 cost of a 5-token answer. So the backend runs the forward pass over each prompt but its last token
 itself, copies the resulting KV cache 3 times, and lets `generate` (the same beam search) go on
 from there: one third of the prefill work, the same answers (the tests compare both ways). Reply
-likelihoods (`generate(prompts, replies)`) continue from that same prefill, so they cost only the
-replies' own tokens.
+likelihoods (`generate(prompts, replies)`) continue from the prompts' part of that same cache, so
+they cost only the replies' own tokens (see `image_text_to_text`).
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """Teacher-forced log-probabilities of replies, continuing from the prompts' prefill.
 
-A backend runs the forward pass over each prompt of a batch but its last token once (the prefill
-that beam search continues from, too). A reply's log-probability then needs only the reply: the
-prompt's last token and the reply's tokens but the last go through the model, attending to the
-cached prompt, and the log-probabilities of the reply's tokens, the end-of-turn token included,
-are summed (natural log, computed in float32 from the model's logits).
+The prompts' KV cache comes from generation: `generate` leaves a cache of every row it ran (a
+prompt's beams, each a copy of the prompt, then the generated tokens), which `prompt_cache` cuts
+back to one row per prompt and the prompt but its last token. A reply's log-probability then needs
+only the reply: the prompt's last token and the reply's tokens but the last go through the model,
+attending to the cached prompt, and the log-probabilities of the reply's tokens, the end-of-turn
+token included, are summed (natural log, computed in float32 from the model's logits).
 
 All the replies of a batch are one batch of continuations: each reply is a row holding a copy of
 its prompt's cache row, continuations are right-padded to the longest (the padding comes after
 every real token, so causal attention keeps it out of the sums). To bound memory, at most
 `max_rows` rows go through the model at once, shortest replies first, so that little is padding.
-The prompts' cache itself is not changed, so beam search can start from it afterwards.
 
 Positions come from the model's own rule for continuing from a cache, the one `generate` uses
 (`_prepare_position_ids_for_generation`): for Qwen2.5-VL that is the 3D rotary position of a text
@@ -24,6 +24,7 @@ import copy
 from collections.abc import Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 # The inputs with one entry per prompt token: cut with the prompt, and all that `generate` needs
 # once the images are in the cache.
@@ -102,6 +103,29 @@ def continuation_positions(model, inputs: dict, cache, length: int) -> torch.Ten
                 model_kwargs[key] = torch.cat([inputs[key], inputs[key].new_zeros((mask.shape[0], extra))], dim=1)
         positions = prepare(extended_ids, model_kwargs)
     return positions[..., -length:]
+
+
+def prompt_cache(output, prompt_shape: torch.Size):
+    """The cache `generate` returned (`return_dict_in_generate=True`), cut back to one row per prompt
+    holding the prompt but its last token; None when it cannot be (no cache, or layers that do not
+    keep every position, e.g. sliding windows: the caller then prefills)."""
+    cache = getattr(output, "cache", None)
+    if cache is None:
+        cache = getattr(output, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(
+        type(layer) is not DynamicLayer or not getattr(layer, "is_initialized", True) for layer in layers
+    ):
+        return None
+    batch_size, prompt_length = prompt_shape
+    rows = layers[0].keys.shape[0]
+    extra = cache.get_seq_length() - (prompt_length - 1)  # the last prompt token and the generated ones
+    if rows % batch_size or extra < 0:
+        return None
+    if extra:
+        cache.crop(-extra)  # a negative count removes that many positions (in every transformers 5 version)
+    cache.batch_select_indices(torch.arange(0, rows, rows // batch_size, device=layers[0].keys.device))
+    return cache
 
 
 def select_cache_rows(cache, rows: torch.Tensor):
