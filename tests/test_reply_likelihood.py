@@ -12,13 +12,16 @@ import json
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicSlidingWindowLayer
 
 from lever_lm.demo.dataset import Split
 from lever_lm.vqa.backends import image_text_to_text, load_backend
 from lever_lm.vqa.backends.chat_encoding import ReplyEncodingError
+from lever_lm.vqa.backends.reply_likelihood import prompt_cache
 from lever_lm.vqa.expected_accuracy import distinct_answers
 from lever_lm.vqa.images import read_rgb
 from lever_lm.vqa.prompts import FewShotPrompt, Shot, chat_messages
@@ -225,3 +228,20 @@ def test_a_template_that_changes_replies_is_rendered_per_reply(model_dir, work):
     assert [backend.tokenizer.decode(t[:-1]) for t in tokens] == ["yes", "x"]
     with pytest.raises(ReplyEncodingError, match="verbatim"):
         backend.chat.reply_tokens(messages, text, (" yes",))
+
+
+def test_the_generation_cache_is_cut_back_to_the_prompts():
+    """2 prompts x 3 beams, 7 cached positions, prompts of 5 tokens: one row per prompt, 4 positions."""
+    keys = torch.arange(6 * 7, dtype=torch.float32).reshape(6, 1, 7, 1)
+    cache = DynamicCache()
+    for layer in range(2):
+        cache.update(keys + layer, -keys, layer_idx=layer)
+    cut = prompt_cache(SimpleNamespace(cache=cache), torch.Size([2, 5]))
+    assert cut is cache and cut.get_seq_length() == 4
+    assert torch.equal(cut.layers[1].keys, (keys + 1)[[0, 3], :, :4])
+    assert torch.equal(cut.layers[0].values, -keys[[0, 3], :, :4])
+    # No cache, or layers that do not keep every position: the caller prefills instead.
+    assert prompt_cache(SimpleNamespace(), torch.Size([2, 5])) is None
+    sliding = Cache(layers=[DynamicSlidingWindowLayer(sliding_window=4)])
+    sliding.update(keys, keys, layer_idx=0)
+    assert prompt_cache(SimpleNamespace(cache=sliding), torch.Size([2, 5])) is None
