@@ -4,10 +4,10 @@ The prompts' KV cache comes from generation: `generate` leaves a cache of every 
 prompt's beams, each a copy of the prompt, then the generated tokens), which `prompt_cache` cuts
 back to one row per prompt and the prompt but its last token (a cache whose layers do not keep
 every position, e.g. sliding windows, cannot be: the backend then prefills the prompts once more,
-without their last token). A reply's log-probability then needs
-only the reply: the prompt's last token and the reply's tokens but the last go through the model,
-attending to the cached prompt, and the log-probabilities of the reply's tokens, the end-of-turn
-token included, are summed (natural log, computed in float32 from the model's logits).
+without their last token). A reply's log-probability then needs only the reply: the prompt's last
+token and the reply's tokens but the last go through the model, attending to the cached prompt,
+and the log-probabilities of the reply's tokens, the end-of-turn token included, are summed
+(natural log, computed in float32 from the model's logits).
 
 All the replies of a batch are one batch of continuations: each reply is a row holding a copy of
 its prompt's cache row, continuations are right-padded to the longest (the padding comes after
