@@ -34,15 +34,22 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class Generation:
-    """A prompt's outcome: the decoded new text, its post-processed answer, or why there is none."""
+    """A prompt's outcome: the decoded new text, its post-processed answer, or why there is none.
+
+    `reply_logprobs`, when replies were asked for: for each, in order, the natural log of the
+    teacher-forced probability that the assistant's reply is exactly that string followed by the
+    end-of-turn token, in the very prompt the answer was generated from. None when not asked, or
+    when the chat template does not let the reply's tokens be told apart (a warning says so).
+    """
 
     raw: str  # decoded new text ("" on failure)
     answer: str  # post-processed (docs/formats.md §5)
     error: str | None = None  # reason when the image was unreadable or generation failed
+    reply_logprobs: tuple[float, ...] | None = None
 
     @classmethod
-    def from_raw(cls, raw: str) -> Generation:
-        return cls(raw=raw, answer=postprocess_generation(raw))
+    def from_raw(cls, raw: str, reply_logprobs: tuple[float, ...] | None = None) -> Generation:
+        return cls(raw=raw, answer=postprocess_generation(raw), reply_logprobs=reply_logprobs)
 
     @classmethod
     def failed(cls, reason: str) -> Generation:
@@ -59,8 +66,14 @@ class VQABackend(Protocol):
         """Prompts per generate call; the generator cuts its chunks of candidates by it."""
         ...
 
-    def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
-        """One Generation per prompt, same order; batches internally by `batch_size`."""
+    def generate(
+        self, prompts: Sequence[FewShotPrompt], replies: Sequence[Sequence[str] | None] | None = None
+    ) -> list[Generation]:
+        """One Generation per prompt, same order; batches internally by `batch_size`.
+
+        `replies`, one entry per prompt (None: none): the strings whose log-probabilities the prompt's
+        Generation carries in `reply_logprobs`. Asking for them never changes an answer.
+        """
         ...
 
     def prefetch(self, prompts: Sequence[FewShotPrompt]) -> None:

@@ -10,12 +10,23 @@ settings not given in the config come from the model's `generation_config.json`,
 and normalises them per batch, since how to split a batch's processed pixels back per image differs
 between model families -- `qwen2_5_vl` caches the finished per-image work for its family.
 
-This class is also the base of the Qwen2.5-VL backend, which overrides only how a batch is
-encoded (`_prepare_image`, `_encode`).
+The chat is rendered and tokenised by `chat_encoding.ChatEncoder`, so the text of a control token
+inside a question, answer, template or system prompt is plain text, never the token.
+
+Asked for replies (`generate(prompts, replies)`), the backend also gives each prompt the
+teacher-forced log-probability of each reply (`reply_likelihood`). Generation runs exactly as
+without replies, so the answers are the same; then the prompts' part of the KV cache generation
+leaves (every beam row of a prompt holds the same prompt) is cut back to each prompt but its last
+token, and all the batch's replies are scored as one batch of continuations from it. The prompts
+are read once, by generation, and the likelihoods cost only the replies' own tokens.
+
+This class is also the base of the Qwen2.5-VL backend, which overrides how a batch is encoded
+(`_prepare_image`, `_encode`) and turns `share_prefill` on.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -40,7 +51,9 @@ from lever_lm.vqa.backends.base import (
     describe_numerics,
     resolve_device,
 )
+from lever_lm.vqa.backends.chat_encoding import ChatEncoder
 from lever_lm.vqa.backends.memory import resolve_memory_settings
+from lever_lm.vqa.backends.reply_likelihood import TEXT_KEYS, prompt_cache, reply_logprobs
 from lever_lm.vqa.images import ImageCache, UnreadableImage, nbytes
 from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
 from lever_lm.vqa.prompts import FewShotPrompt, chat_messages
@@ -52,10 +65,12 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A prompt ready to batch: its chat rendered to text, and its images as the cache holds them."""
+    """A prompt ready to batch: its chat rendered to text, its images as the cache holds them, and the
+    tokens of each reply to score (its tokens and the end-of-turn token; None: no replies asked)."""
 
-    text: str
+    text: str  # control-token text inside the user's strings escaped (chat_encoding)
     images: tuple[Any, ...]
+    reply_tokens: tuple[tuple[int, ...], ...] | None = None
 
 
 PREFETCH_CACHE_SHARE = 0.9  # a prefetch fills the cache up to this share, leaving room for generate's misses
@@ -98,6 +113,8 @@ def _run_ahead(pool: ThreadPoolExecutor, work: Callable, items: Sequence, depth:
 class ImageTextToTextBackend:
     """Batched few-shot VQA with a Hugging Face chat VLM (see the module doc)."""
 
+    share_prefill = False  # beam search from one prefill per prompt (see the Qwen2.5-VL backend)
+
     def __init__(self, name: str, model, processor, settings: VQAModelSettings, device: torch.device, model_path: Path):
         self.name = name
         self.model = model
@@ -115,15 +132,28 @@ class ImageTextToTextBackend:
             device, settings.batch_size, on_out_of_memory=self._shrink_image_cache, memory_advice=self._memory_advice
         )
         self.work = WorkTimes()
+        self.chat = ChatEncoder(processor)
+        forward_parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+        self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
+        self._reply_warnings: set[str] = set()
 
     # -- the interface -------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
-        """One Generation per prompt, same order, `settings.batch_size` prompts per generate call."""
+    def generate(
+        self, prompts: Sequence[FewShotPrompt], replies: Sequence[Sequence[str] | None] | None = None
+    ) -> list[Generation]:
+        """One Generation per prompt, same order, `settings.batch_size` prompts per generate call.
+
+        `replies[i]`: the strings whose log-probabilities `prompts[i]`'s Generation carries in
+        `reply_logprobs` (see `base.Generation`); the answers are the same with or without them.
+        """
+        if replies is not None and len(replies) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
         results: list[Generation | None] = [None] * len(prompts)
         size = self.batch_size
         for start in range(0, len(prompts), size):
-            self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results)
+            self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results, replies)
         return results  # type: ignore[return-value]
 
     @property
@@ -132,11 +162,11 @@ class ImageTextToTextBackend:
 
     # -- batching ------------------------------------------------------------------------------
 
-    def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list) -> None:
+    def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list, replies=None) -> None:
         ready: list[tuple[int, PreparedPrompt]] = []
         for i in indices:
             try:
-                ready.append((i, self._prepare(prompts[i])))
+                ready.append((i, self._prepare(prompts[i], None if replies is None else replies[i])))
             except UnreadableImage as error:
                 results[i] = Generation.failed(str(error))
             except (GenerationAborted, DeviceOutOfMemory):
@@ -149,21 +179,80 @@ class ImageTextToTextBackend:
             self.work.generate_s += time.perf_counter() - started
             for (i, _), outcome in zip(ready, outcomes):
                 failed = isinstance(outcome, Failed)
-                results[i] = Generation.failed(outcome.reason) if failed else Generation.from_raw(outcome)
+                results[i] = Generation.failed(outcome.reason) if failed else outcome
         self.work.prompts += len(indices)
         self.batch_runner.observe([results[i].error for i in indices])
 
-    def _prepare(self, prompt: FewShotPrompt) -> PreparedPrompt:
+    def _prepare(self, prompt: FewShotPrompt, replies: Sequence[str] | None = None) -> PreparedPrompt:
         messages = chat_messages(prompt, self.settings.prompt)
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return PreparedPrompt(text=text, images=tuple(self.image_cache.get(path) for path in prompt.images))
+        text = self.chat.render_prompt(messages)
+        images = tuple(self.image_cache.get(path) for path in prompt.images)
+        return PreparedPrompt(text=text, images=images, reply_tokens=self._reply_tokens(messages, text, replies))
 
-    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[str]:
+    def _reply_tokens(self, messages: list[dict], text: str, replies: Sequence[str] | None):
+        """Each reply's tokens, or None (with a warning, once per reason) when they cannot be told apart."""
+        if replies is None:
+            return None
+        try:
+            return self.chat.reply_tokens(messages, text, replies)
+        except ValueError as error:  # a ReplyEncodingError, or a reply holding a reserved character
+            if str(error) not in self._reply_warnings:
+                self._reply_warnings.add(str(error))
+                log.warning("no reply likelihoods for prompts of this kind: %s", error)
+            return None
+
+    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[Generation]:
+        """Each prompt's Generation: the decoded answer and, where asked, its replies' log-probabilities.
+
+        With `share_prefill` (and beams), beam search starts from one prefill per prompt instead of
+        one per beam. Replies are scored after generation, from the prompts' part of the cache
+        generation leaves: the very prompt the answers came from, read once.
+        """
         inputs = self._encode(batch)
-        prompt_length = inputs["input_ids"].shape[1]
+        beams = self.generation_kwargs.get("num_beams", 1)
+        generation_kwargs = {**self.generation_kwargs, "return_dict_in_generate": True}
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **self.generation_kwargs)
-        return self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+            if self.share_prefill and beams > 1:
+                cache = self._prefill(inputs)
+                cache.batch_repeat_interleave(beams)  # row b -> rows b*beams .. b*beams+beams-1, as generate expands
+                text_inputs = {key: inputs[key] for key in TEXT_KEYS if key in inputs}
+                output = self.model.generate(**text_inputs, **{self._cache_argument: cache}, **generation_kwargs)
+            else:
+                output = self.model.generate(**inputs, **generation_kwargs)
+            logprobs = self._reply_logprobs(batch, inputs, output, max_rows=len(batch) * beams)
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [Generation.from_raw(text, reply_logprobs=scores) for text, scores in zip(texts, logprobs)]
+
+    def _prefill(self, inputs: dict):
+        """The KV cache of each prompt but its last token: images, cache and the model's position offsets
+        (kept by Qwen2.5-VL for the steps that follow) come from here; the last token is plain text."""
+        prefix = {key: value[:, :-1] if key in TEXT_KEYS else value for key, value in inputs.items()}
+        output = self.model(**prefix, use_cache=True, **self._prefill_kwargs)
+        return getattr(output, self._cache_argument)
+
+    def _reply_logprobs(self, batch: list[PreparedPrompt], inputs: dict, output, max_rows: int) -> list:
+        """Per prompt: its replies' log-probabilities in order, or None when none were asked (or possible).
+        Each distinct (prompt, reply tokens) is scored once; the prompts' cache is generation's, cut back
+        (or, for a cache that cannot be cut back, a prefill of its own)."""
+        rows = list(dict.fromkeys((b, tokens) for b, p in enumerate(batch) for tokens in p.reply_tokens or ()))
+        scores = []
+        if rows:
+            cache = prompt_cache(output, inputs["input_ids"].shape)
+            scores = reply_logprobs(
+                self.model,
+                cache if cache is not None else self._prefill(inputs),
+                inputs,
+                rows,
+                cache_argument=self._cache_argument,
+                pad_token_id=self.tokenizer.pad_token_id,
+                max_rows=max(1, max_rows),
+            )
+        by_row = dict(zip(rows, scores))
+        return [
+            None if p.reply_tokens is None else tuple(by_row[(b, tokens)] for tokens in p.reply_tokens)
+            for b, p in enumerate(batch)
+        ]
 
     # -- images ------------------------------------------------------------------------------------
 
@@ -261,8 +350,9 @@ class ImageTextToTextBackend:
 
     def _encode(self, batch: list[PreparedPrompt]) -> dict:
         """The `generate` inputs of a batch: the processor does text, padding and pixels."""
-        inputs = self.processor(
-            text=[prepared.text for prepared in batch],
+        texts = [prepared.text for prepared in batch]
+        inputs = self.chat.processor_for(texts)(
+            text=texts,
             images=[list(prepared.images) for prepared in batch],
             padding=True,
             return_tensors="pt",

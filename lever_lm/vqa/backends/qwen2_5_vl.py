@@ -28,7 +28,9 @@ cost of a 5-token answer. So the backend runs the forward pass over each prompt 
 itself, copies the resulting KV cache 3 times, and lets `generate` (the same beam search) go on
 from there: one third of the prefill work, the same answers on CPU in float32 (the tests compare
 both ways; on a GPU in bf16 the last prompt token runs as a cached one-token step, another kernel,
-so rare near-ties can flip: the GPU check measures the agreement).
+so rare near-ties can flip: the GPU check measures the agreement). Reply likelihoods
+(`generate(prompts, replies)`) continue from the prompts' part of that same cache, so they cost
+only the replies' own tokens (see `image_text_to_text`).
 """
 
 from __future__ import annotations
@@ -78,29 +80,9 @@ class Qwen2_5_VLBackend(ImageTextToTextBackend):
             precompute_vision = "mm_encoder_outputs" in forward_parameters
         self.precompute_vision = precompute_vision
         self.share_prefill = share_prefill
-        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
         self.image_token = self.processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_size = self.processor.image_processor.merge_size
-
-    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[str]:
-        """Beam search with the prompt prefilled once per prompt rather than once per beam."""
-        beams = self.generation_kwargs.get("num_beams", 1)
-        if not self.share_prefill or beams == 1:
-            return super()._generate_texts(batch)
-        inputs = self._encode(batch)
-        text_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
-        prefix = {key: value[:, :-1] if key in text_keys else value for key, value in inputs.items()}
-        with torch.inference_mode():
-            # All but the last token (the "\n" after "assistant", plain text): images, cache and
-            # the 3D rotary offsets (kept by the model for the steps that follow) come from here.
-            output = self.model(**prefix, use_cache=True, logits_to_keep=1)
-            cache = getattr(output, self._cache_argument, None)
-            cache.batch_repeat_interleave(beams)  # row b -> rows b*beams .. b*beams+beams-1, as generate expands
-            generated = self.model.generate(
-                **{key: inputs[key] for key in text_keys}, **{self._cache_argument: cache}, **self.generation_kwargs
-            )
-        return self.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def _process_image(self, image) -> QwenImage:
         """Host side (thread-safe): resize, normalise, cut into patches; pixels in the model's dtype
@@ -132,7 +114,7 @@ class Qwen2_5_VLBackend(ImageTextToTextBackend):
     def _encode(self, batch: list[PreparedPrompt]) -> dict:
         images: list[QwenImage] = [image for prepared in batch for image in prepared.images]
         texts = [self._expand_image_tokens(prepared) for prepared in batch]
-        tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
+        tokens = self.chat.tokenize(texts, padding=True, return_tensors="pt")
         input_ids = tokens["input_ids"]
         inputs = {
             "input_ids": input_ids.to(self.device),
@@ -151,7 +133,8 @@ class Qwen2_5_VLBackend(ImageTextToTextBackend):
         return inputs
 
     def _expand_image_tokens(self, prepared: PreparedPrompt) -> str:
-        """Each `<|image_pad|>` of the chat text repeated as many times as its image has tokens."""
+        """Each `<|image_pad|>` of the chat text repeated as many times as its image has tokens (the
+        text's only image tokens are the template's: one in a user string is escaped)."""
         pieces = re.split(re.escape(self.image_token), prepared.text)
         if len(pieces) != len(prepared.images) + 1:
             raise ValueError(f"the chat text has {len(pieces) - 1} image tokens for {len(prepared.images)} images")
