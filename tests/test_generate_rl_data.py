@@ -59,7 +59,7 @@ class NoModel:
     def prefetch(self, prompts):
         raise AssertionError("the VQA model must not be used when every query is journaled")
 
-    def generate(self, prompts):
+    def generate(self, prompts, replies=None):
         raise AssertionError("the VQA model must not be used when every query is journaled")
 
 
@@ -100,7 +100,7 @@ def test_a_rerun_with_the_same_settings_uses_no_model_and_rewrites_the_same_byte
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, rl_inputs, tmp_path):
     output = tmp_path / "rl.json"
-    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output, "--batch_size", "2")]
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output)]  # the reference's batch size: vqa_gt_prob's last bits depend on it
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal_lines = 0
     deadline = time.time() + 120
@@ -295,7 +295,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(reference, rl_inputs, tmp
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_run_with_one_line_and_a_rerun_resumes(reference, rl_inputs, tmp_path, signum, code):
     output = tmp_path / "rl.json"
-    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output, "--batch_size", "2")]
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output)]  # the reference's batch size: vqa_gt_prob's last bits depend on it
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:

@@ -92,6 +92,12 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
     more.add_argument("--exclude_same_image", action="store_true", help="never propose items that share the query's image")
     more.add_argument("--seed", type=int, default=PROPOSAL.seed, help="random seed (per query: seed and query id)")
     more.add_argument("--eval_mode", choices=MODES, default=REQUEST["eval_mode"], help="VQA accuracy normalisation")
+    more.add_argument(
+        "--gt_prob",
+        action=argparse.BooleanOptionalAction,
+        default=REQUEST["gt_prob"],
+        help="compute vqa_gt_prob, the model's expected accuracy over the human answers (off: null)",
+    )
     more.add_argument("--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory; 16 on CPU)")
     more.add_argument("--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards")
     more.add_argument("--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole proposal blocks)")
@@ -136,6 +142,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         ),
         shot_num=args.shot_num,
         eval_mode=args.eval_mode,
+        gt_prob=args.gt_prob,
         device=args.device,
         batch_size=args.batch_size,
         num_shards=args.num_shards,

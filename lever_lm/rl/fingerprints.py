@@ -61,6 +61,7 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
             "query_block": block_size,
         },
         "eval_mode": request.eval_mode,
+        "gt_prob": request.gt_prob,
         "vqa": describe_settings(
             request.vqa_model, model_path=request.vqa_model_path, config=request.config, device=request.device
         ),

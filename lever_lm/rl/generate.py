@@ -135,7 +135,7 @@ def run_shard(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
                 batch_size=request.batch_size,
             )
             summary.batch_size = backend.batch_size
-            scorer = BlockScorer(inputs, backend, request.eval_mode, request.device, plan.block_size)
+            scorer = BlockScorer(inputs, backend, request.eval_mode, request.device, plan.block_size, request.gt_prob)
 
             def journal_result(result: QueryResult) -> None:
                 journal.append(result.query_idx, result.entry, result.stats)

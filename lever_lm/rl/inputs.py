@@ -44,7 +44,7 @@ class Inputs:
     proposal: ProposalSettings
     all_queries: list[int]  # beam-data order, every key
     queries: list[int]  # the first --limit of them (all without --limit)
-    scoring_answers: dict[int, tuple[str, ...]]  # query row -> the human answers that score it
+    scoring_answers: dict[int, tuple[str, ...]]  # every query row -> the human answers that score it
 
 
 def load_inputs(request: GenerationRequest) -> Inputs:
@@ -67,7 +67,7 @@ def load_inputs(request: GenerationRequest) -> Inputs:
     proposal = dataclasses.replace(request.proposal, shot_num=request.shot_num or beam.shot_num)
     all_queries = list(beam.query_ids)
     queries = all_queries[: request.limit] if request.limit else all_queries
-    answers = scoring_answers(request, dataset, queries)
+    answers = scoring_answers(request, dataset, all_queries)  # a block straddling --limit scores them all
     return Inputs(dataset, beam, query_emb, cand_emb, pointer.eval(), proposal, all_queries, queries, answers)
 
 

@@ -5,7 +5,8 @@ A query's record (one value of the final JSON, one journal line's `entry`; docs/
     {"query": {"query_id", "question_id", "image_id", "question", "gt_answers_raw"},
      "pointer_candidates": [{"pointer", "gen_method", "beam_rank", "beam_score", "logprob_score",
                              "temperature", "vqa_raw_generation", "vqa_pred_answer", "vqa_correct",
-                             "vqa_acc_score", "vqa_eval_mode", "eval_failed", ["eval_error"]}, ...]}
+                             "vqa_acc_score", "vqa_eval_mode", "eval_failed", ["eval_error"],
+                             "vqa_gt_prob", "vqa_rel_token_f1", "vqa_rel_edit_sim", "vqa_rel_score"}, ...]}
 
 The generator builds records with `query_record` / `candidate_record`; the journal checks every
 line it reads with `entry_problems`; the validator applies the same rules to the final file, and
@@ -21,7 +22,10 @@ from dataclasses import dataclass, field
 
 from lever_lm.models.v3.proposals import METHODS, Candidate
 from lever_lm.vqa.backends.base import Generation
-from lever_lm.vqa.metric import score_prediction
+from lever_lm.vqa.expected_accuracy import expected_accuracy
+from lever_lm.vqa.metric import PreparedAnswers, score_prediction
+from lever_lm.vqa.relevance import FIELDS as RELEVANCE_FIELDS
+from lever_lm.vqa.relevance import relevance
 
 GEN_METHODS = METHODS  # "beam", "sample", "random", "retrieval": the proposal methods, in priority order
 EVAL_MODE_NAME = "vqaEval"
@@ -38,6 +42,8 @@ CANDIDATE_FIELDS = {
     "eval_failed": bool,
 }
 OPTIONAL_NUMBER_FIELDS = ("beam_rank", "beam_score", "logprob_score", "temperature")
+GT_PROB_FIELD = "vqa_gt_prob"  # the dense fields the lineage's trainer reads (docs/formats.md §7)
+DENSE_FIELDS = (GT_PROB_FIELD, *RELEVANCE_FIELDS)
 
 
 # -- building -------------------------------------------------------------------------------------
@@ -54,10 +60,20 @@ def query_record(query_idx: int, question_id: int, image_id: int, question: str,
     }
 
 
-def candidate_record(candidate: Candidate, generation: Generation, prepared_answers) -> dict:
-    """One `pointer_candidates` entry; a failed evaluation scores 0 and says why in `eval_error`."""
+def candidate_record(
+    candidate: Candidate,
+    generation: Generation,
+    prepared: PreparedAnswers,
+    answers: Sequence[str],
+    replies: Sequence[str] | None,
+) -> dict:
+    """One `pointer_candidates` entry; a failed evaluation scores 0 and says why in `eval_error`.
+
+    `answers`: the query's human answers (for relevance); `replies`: the distinct answers whose
+    likelihoods the backend was asked for (None: `vqa_gt_prob` switched off, written as null).
+    """
     failed = generation.error is not None
-    accuracy = 0.0 if failed else score_prediction(generation.answer, prepared_answers)
+    accuracy = 0.0 if failed else score_prediction(generation.answer, prepared)
     record = {
         "pointer": list(candidate.pointer),
         "gen_method": candidate.gen_method,
@@ -74,7 +90,16 @@ def candidate_record(candidate: Candidate, generation: Generation, prepared_answ
     }
     if failed:
         record["eval_error"] = generation.error
+    record[GT_PROB_FIELD] = gt_prob(generation, prepared, replies)
+    record.update(relevance(generation.answer, answers))
     return record
+
+
+def gt_prob(generation: Generation, prepared: PreparedAnswers, replies: Sequence[str] | None) -> float | None:
+    """The candidate's expected accuracy over the human answers, or None when it was not computed."""
+    if replies is None or generation.error is not None or generation.reply_logprobs is None:
+        return None
+    return expected_accuracy(replies, generation.reply_logprobs, prepared)
 
 
 def failed_candidates(entry: dict) -> int:
@@ -161,6 +186,7 @@ def _candidate_problems(query_idx: int, c: object, rules: RecordRules) -> Iterat
     yield from _pointer_problems(query_idx, c["pointer"], rules)
     yield from _method_problems(c)
     yield from _score_problems(c)
+    yield from _dense_problems(c)
 
 
 def _pointer_problems(query_idx: int, pointer: list, rules: RecordRules) -> Iterator[str]:
@@ -197,6 +223,17 @@ def _score_problems(c: dict) -> Iterator[str]:
             yield "a failed evaluation must score 0"
         if not isinstance(c.get("eval_error"), str) or not c["eval_error"]:
             yield "a failed evaluation needs its reason in eval_error"
+
+
+def _dense_problems(c: dict) -> Iterator[str]:
+    gt = c.get(GT_PROB_FIELD, "missing")
+    if gt is not None and not (_is_number(gt) and 0.0 <= gt <= 1.0):
+        yield f"{GT_PROB_FIELD} must be a probability in [0, 1] or null, found {gt!r}"
+    values = [c.get(name) for name in RELEVANCE_FIELDS]
+    if not all(_is_number(v) and 0.0 <= v <= 1.0 for v in values):
+        yield f"{', '.join(RELEVANCE_FIELDS)} must be numbers in [0, 1]"
+    elif abs(values[2] - max(values[0], values[1])) > 1e-12:
+        yield "vqa_rel_score must be the larger of vqa_rel_token_f1 and vqa_rel_edit_sim"
 
 
 def _is_number(value: object) -> bool:

@@ -38,6 +38,7 @@ class GenerationRequest:
     proposal: ProposalSettings = ProposalSettings()
     shot_num: int | None = None  # None: from the beam data (overrides proposal.shot_num)
     eval_mode: str = "always"
+    gt_prob: bool = True  # vqa_gt_prob: the likelihood of each human answer (off: the field is null)
     device: str = "cuda:0"
     batch_size: int | None = None  # None: the VQA model's (vqa_model.batch_size, 16)
     num_shards: int = 1

@@ -38,9 +38,11 @@ from lever_lm.data.vqa import VQADataset, load_annotations
 from lever_lm.errors import InputError
 from lever_lm.io import atomic_output, read_json
 from lever_lm.rl.output import meta_path_for
-from lever_lm.rl.records import ACCURACY_VALUES, RecordRules, entry_problems
+from lever_lm.rl.records import ACCURACY_VALUES, GT_PROB_FIELD, RecordRules, entry_problems
+from lever_lm.rl.rewards import GT_PROB_MODES, REWARD_MODES, RewardWeights
 from lever_lm.vqa.metric import MODES, prepare_answers, score_prediction
 from lever_lm.vqa.postprocess import postprocess_generation
+from lever_lm.vqa.relevance import relevance
 
 MAX_LISTED_PROBLEMS = 10
 DEFAULT_MAX_FAILED_SHARE = 0.05
@@ -114,6 +116,9 @@ def _recomputed_problems(query_idx: int, entry: dict, expected: Expectations) ->
         accuracy = score_prediction(c["vqa_pred_answer"], prepared)
         if abs(accuracy - c["vqa_acc_score"]) > 1e-9:
             yield f"{where}, candidate {n}: vqa_acc_score {c['vqa_acc_score']} but its answer scores {accuracy}"
+        expected_relevance = relevance(c["vqa_pred_answer"], query["gt_answers_raw"])
+        if any(abs(c[name] - value) > 1e-9 for name, value in expected_relevance.items()):
+            yield f"{where}, candidate {n}: relevance fields differ from its answer's ({expected_relevance})"
     if expected.proposal is not None:
         yield from (f"{where}: {p}" for p in _method_count_problems(entry["pointer_candidates"], expected.proposal))
 
@@ -155,12 +160,13 @@ def method_label(candidate: dict) -> str:
     return candidate["gen_method"]
 
 
-def compute_metrics(data: dict) -> dict:
-    """The headline numbers that `dvc exp show` compares (plain floats and ints)."""
+def compute_metrics(data: dict, weights: RewardWeights = RewardWeights()) -> dict:
+    """The numbers `dvc exp show` compares (plain floats and ints): the headline, the dense-reward
+    signal (`gt_prob`) and, per trainer reward mode, the share of non-flat groups and the mean group std."""
     rewards = [[c["vqa_acc_score"] for c in entry["pointer_candidates"]] for entry in data.values()]
     rewards = [r for r in rewards if r]
     all_candidates = [c for entry in data.values() for c in entry["pointer_candidates"]]
-    return {
+    metrics = {
         "queries": len(data),
         "candidates": len(all_candidates),
         "failed_evaluations": sum(1 for c in all_candidates if c["eval_failed"]),
@@ -170,9 +176,58 @@ def compute_metrics(data: dict) -> dict:
         "beam_top1_accuracy": _mean(
             c["vqa_acc_score"] for c in all_candidates if c["gen_method"] == "beam" and c.get("beam_rank") == 0
         ),
-        "share_non_flat_groups": _mean(1.0 if len(set(r)) > 1 else 0.0 for r in rewards),
+        "share_non_flat_groups": _share_non_flat(rewards),
         "mean_group_reward_std": _mean(statistics.pstdev(r) for r in rewards),
     }
+    with_gt = [c for c in all_candidates if c.get(GT_PROB_FIELD) is not None]
+    if with_gt:
+        metrics["gt_prob"] = {
+            "mean": _mean(c[GT_PROB_FIELD] for c in with_gt),
+            "spearman_with_accuracy": round(
+                spearman([c[GT_PROB_FIELD] for c in with_gt], [c["vqa_acc_score"] for c in with_gt]), 6
+            ),
+        }
+    metrics["reward_modes"] = reward_mode_metrics(data, weights, with_gt_prob=bool(with_gt))
+    return metrics
+
+
+def reward_mode_metrics(data: dict, weights: RewardWeights, with_gt_prob: bool) -> dict:
+    """Per reward mode of the trainer: the share of groups whose rewards differ, and the mean group std.
+    The gt_prob modes only when the file has `vqa_gt_prob` (otherwise they equal hard rewards)."""
+    groups = [entry["pointer_candidates"] for entry in data.values() if entry["pointer_candidates"]]
+    modes = {m: f for m, f in REWARD_MODES.items() if with_gt_prob or m not in GT_PROB_MODES}
+    out = {}
+    for name, reward in modes.items():
+        values = [[round(reward(c, weights), 9) for c in group] for group in groups]
+        out[name] = {"non_flat": _share_non_flat(values), "group_std": _mean(statistics.pstdev(v) for v in values)}
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (ties get their average rank); 0 when either side is constant."""
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = math.fsum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    norm = math.sqrt(math.fsum((a - mx) ** 2 for a in rx) * math.fsum((b - my) ** 2 for b in ry))
+    return cov / norm if norm > 0 else 0.0
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def _share_non_flat(groups: list[list[float]]) -> float:
+    return _mean(1.0 if len(set(g)) > 1 else 0.0 for g in groups)
 
 
 def compute_breakdown(data: dict, meta: dict | None = None) -> dict:
@@ -185,12 +240,33 @@ def compute_breakdown(data: dict, meta: dict | None = None) -> dict:
         "by_method": _by_label(all_candidates, lambda c: c["gen_method"]),
         "by_label": _by_label(all_candidates, method_label),
     }
+    with_gt = [c for c in all_candidates if c.get(GT_PROB_FIELD) is not None]
+    if with_gt:
+        breakdown["gt_prob"] = gt_prob_breakdown(data)
     counts = (meta or {}).get("counts") or {}
     if "duplicates_dropped" in counts:
         breakdown["duplicates_dropped"] = dict(sorted(counts["duplicates_dropped"].items()))
     if counts.get("unscorable_queries"):
         breakdown["unscorable_queries"] = len(counts["unscorable_queries"])
     return breakdown
+
+
+def gt_prob_breakdown(data: dict) -> dict:
+    """Does `vqa_gt_prob` carry accuracy's signal, and more: its mean on correct and on incorrect
+    candidates, and among the groups whose accuracy is flat, the share where gt_prob still differs."""
+    candidates = [c for e in data.values() for c in e["pointer_candidates"] if c.get(GT_PROB_FIELD) is not None]
+    flat = [
+        e["pointer_candidates"]
+        for e in data.values()
+        if e["pointer_candidates"] and len({c["vqa_acc_score"] for c in e["pointer_candidates"]}) == 1
+    ]
+    varied = [len({round(c.get(GT_PROB_FIELD) or 0.0, 9) for c in group}) > 1 for group in flat]
+    return {
+        "mean_when_correct": _mean(c[GT_PROB_FIELD] for c in candidates if c["vqa_correct"]),
+        "mean_when_incorrect": _mean(c[GT_PROB_FIELD] for c in candidates if not c["vqa_correct"]),
+        "accuracy_flat_groups": len(flat),
+        "share_of_them_where_gt_prob_differs": _mean(1.0 if v else 0.0 for v in varied),
+    }
 
 
 def _by_label(candidates: list[dict], label) -> dict:
@@ -236,7 +312,17 @@ def plot_data(data: dict) -> dict[str, list[dict]]:
     for std in stds:
         bin_index = next(i for i, (_, upper) in enumerate(STD_BINS) if min(std, 0.5) <= upper)
         histogram[bin_index]["queries"] += 1
-    return {"reward_distribution": distribution, "group_reward_std": histogram}
+    plots = {"reward_distribution": distribution, "group_reward_std": histogram}
+    by_accuracy: dict[float, list[float]] = defaultdict(list)
+    for entry in data.values():
+        for c in entry["pointer_candidates"]:
+            if c.get(GT_PROB_FIELD) is not None:
+                by_accuracy[_nearest_accuracy(c["vqa_acc_score"])].append(c[GT_PROB_FIELD])
+    plots["gt_prob_by_accuracy"] = [  # all zero counts when the run had --no_gt_prob
+        {"accuracy": a, "mean_gt_prob": _mean(by_accuracy[a]), "candidates": len(by_accuracy[a])}
+        for a in ACCURACY_VALUES
+    ]
+    return plots
 
 
 def _nearest_accuracy(value: float) -> float:
@@ -283,6 +369,19 @@ def write_plots(plots: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     axis.set_title("Group reward variance")
     figure.tight_layout()
     written.append(_save(figure, out_dir / "group_reward_std.png"))
+
+    if "gt_prob_by_accuracy" in plots:
+        rows = plots["gt_prob_by_accuracy"]
+        computed = any(r["candidates"] for r in rows)
+        figure, axis = plt.subplots(figsize=(7, 4))
+        axis.bar([f"{r['accuracy']:g}" for r in rows], [r["mean_gt_prob"] for r in rows], color="tab:green")
+        for k, r in enumerate(rows):
+            axis.annotate(f"n={r['candidates']}", (k, r["mean_gt_prob"]), ha="center", va="bottom", fontsize=8)
+        axis.set_xlabel("VQA accuracy of a candidate")
+        axis.set_ylabel("mean vqa_gt_prob")
+        axis.set_title("Expected accuracy (gt_prob) against accuracy" + ("" if computed else ": not computed"))
+        figure.tight_layout()
+        written.append(_save(figure, out_dir / "gt_prob_by_accuracy.png"))
     return written
 
 

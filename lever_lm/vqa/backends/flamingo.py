@@ -78,7 +78,9 @@ class FlamingoBackend:
 
     # -- the interface -------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[FewShotPrompt], replies: Sequence[Sequence[str] | None] | None = None
+    ) -> list[Generation]:
         """One Generation per prompt, same order, `settings.batch_size` prompts per generate call."""
         results: list[Generation | None] = [None] * len(prompts)
         size = self.batch_size
