@@ -56,8 +56,11 @@ def per_query(cache: Path, *extra: str) -> list[str]:
 
 def _dataset(rl_inputs) -> VQADataset:
     vqa = rl_inputs.vqa
-    return VQADataset.load(vqa / "OpenEnded_mscoco_train2014_questions.json", vqa / "mscoco_train2014_annotations.json",
-                           vqa / "mscoco2014" / "train2014")
+    return VQADataset.load(
+        vqa / "OpenEnded_mscoco_train2014_questions.json",
+        vqa / "mscoco_train2014_annotations.json",
+        vqa / "mscoco2014" / "train2014",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +93,11 @@ class EchoBackend:
 
 
 def run_echo(rl_inputs, output: Path, *extra: str) -> None:
-    run_generation(request_from_args(generate_rl_data.build_parser().parse_args(argv(rl_inputs, output, *extra))),
-                   backend=EchoBackend(), block_size=4)
+    run_generation(
+        request_from_args(generate_rl_data.build_parser().parse_args(argv(rl_inputs, output, *extra))),
+        backend=EchoBackend(),
+        block_size=4,
+    )
 
 
 def test_pools_are_the_caches_and_pointers_are_positions_in_them(reference, cache, rl_inputs, tmp_path):
@@ -128,8 +134,11 @@ def test_prompts_hold_the_global_rows(rl_inputs, cache, tmp_path):
 def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, cache, rl_inputs, tmp_path):
     output = tmp_path / "rl.json"
     args = argv(rl_inputs, output, *per_query(cache, "--batch_size", "2"))
-    process = subprocess.Popen([sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *args],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     journal_lines, deadline = 0, time.time() + 120
     while time.time() < deadline and process.poll() is None:
         journals = list((tmp_path / "rl.json.journal").glob("*/shard-0-of-1.jsonl"))
@@ -168,8 +177,9 @@ def test_rand_and_sim_samplers_end_to_end(rl_inputs, cache, tmp_path):
         assert entry["query"]["candidate_pool_ids"] == list(expected.pools_of([int(key)])[0])
     run_echo(rl_inputs, tmp_path / "sim.json", *common, "--sampler", "sim")
     sim = load_rl_data(tmp_path / "sim.json")
-    assert [e["query"]["candidate_pool_ids"] for e in sim.values()] != [e["query"]["candidate_pool_ids"]
-                                                                          for e in rand.values()]
+    assert [e["query"]["candidate_pool_ids"] for e in sim.values()] != [
+        e["query"]["candidate_pool_ids"] for e in rand.values()
+    ]
     # the validator recomputes rand pools: a hand-edited pool is caught
     meta = read_json(tmp_path / "rand.json.meta.json")
     beam = load_beam_data(rl_inputs.beam_data, 274)
@@ -190,14 +200,17 @@ def test_the_fingerprint_follows_the_pools_and_nothing_else(rl_inputs, cache, tm
         return plan_run(request_from_args(args), 4).fingerprint
 
     plain = fingerprint()
-    assert fingerprint("--pool_size", "8", "--sampler", "sim", "--sampler_cache", str(cache)) == plain, \
+    assert fingerprint("--pool_size", "8", "--sampler", "sim", "--sampler_cache", str(cache)) == plain, (
         "pool settings do not matter with the global pool"
+    )
     cached = fingerprint(*per_query(cache))
     edited = tmp_path / "edited.json"
     pools = json.loads(cache.read_text())
     pools["273"] = list(range(1, POOL_SIZE + 1))  # not a query of the run: the file still differs
     edited.write_text(json.dumps(pools))
-    assert len({plain, cached, fingerprint(*per_query(edited)), fingerprint(*per_query(cache, "--sampler", "rand"))}) == 4
+    assert (
+        len({plain, cached, fingerprint(*per_query(edited)), fingerprint(*per_query(cache, "--sampler", "rand"))}) == 4
+    )
 
 
 class NoModel:
@@ -233,8 +246,9 @@ def test_bad_caches_stop_before_the_model_loads(breakage, expected, rl_inputs, c
         pools[first] = pools[first][:-1]
     broken = tmp_path / "cache.json"
     broken.write_text(json.dumps(pools))
-    args = argv(rl_inputs, tmp_path / "rl.json", "--pool", "per_query", "--pool_size", str(size),
-                "--sampler_cache", str(broken))
+    args = argv(
+        rl_inputs, tmp_path / "rl.json", "--pool", "per_query", "--pool_size", str(size), "--sampler_cache", str(broken)
+    )
     with pytest.raises(SystemExit) as exit_info:
         generate_rl_data.main(args)
     assert exit_info.value.code == 2

@@ -75,8 +75,9 @@ def test_cached_pools_equal_the_cache(tmp_path: Path):
     cache = {"5": [9, 1, 28, 3], "2": [0, 1, 4, 7], "11": [12, 10, 29, 6], "99": [1, 2]}  # 99: another run's query
     path = tmp_path / "sampler_cache.json"
     path.write_text(json.dumps(cache))
-    pools = load_pools(PoolSettings("per_query", 4, sampler_cache=path), [2, 5, 11], 2, list(range(N)), False, 0,
-                       _emb(), _emb())
+    pools = load_pools(
+        PoolSettings("per_query", 4, sampler_cache=path), [2, 5, 11], 2, list(range(N)), False, 0, _emb(), _emb()
+    )
     assert isinstance(pools, CachedPools) and pools.size == 4
     assert pools.pools_of([5, 2, 11]) == [tuple(cache["5"]), tuple(cache["2"]), tuple(cache["11"])]
     save_sampler_cache({2: cache["2"], 5: cache["5"]}, tmp_path / "again.json")  # the lineage's format
@@ -147,8 +148,9 @@ def test_sim_pools_are_the_true_nearest_neighbours(exclude_same_image):
     emb[19] = emb[3]
     query_emb = _emb(seed=5)
     image_ids = [i // 2 for i in range(N)]
-    pools = load_pools(PoolSettings("per_query", 6, "sim"), range(N), 2, image_ids, exclude_same_image, 0,
-                       query_emb, emb * 3.0)  # the scale of a row does not matter: cosine
+    pools = load_pools(
+        PoolSettings("per_query", 6, "sim"), range(N), 2, image_ids, exclude_same_image, 0, query_emb, emb * 3.0
+    )  # the scale of a row does not matter: cosine
     assert isinstance(pools, SimilarPools)
     got = pools.pools_of(range(N))
     for q in range(N):
@@ -185,7 +187,10 @@ def test_pool_settings_defaults_and_description():
     assert PoolSettings("per_query").sampler == "rand"
     assert PoolSettings("per_query", sampler_cache=Path("c.json")).sampler == "cache"
     assert PoolSettings("per_query", 32, "sim", Path("c.json")).describe() == {
-        "pool": "per_query", "pool_size": 32, "sampler": "sim"}
+        "pool": "per_query",
+        "pool_size": 32,
+        "sampler": "sim",
+    }
     assert load_pools(PoolSettings(), [0], 2, list(range(N)), False, 0, _emb(), _emb()) is None
 
 
@@ -197,8 +202,9 @@ POOLS = {3: [17, 2, 25, 9, 0, 11, 28], 20: [5, 29, 1, 14, 8, 3, 22], 9: [4, 16, 
 def test_beams_equal_the_pointer_on_the_pool_alone():
     """A beam as wide as the prefixes is exact: the top sequences of the pointer over the pool's embeddings."""
     model, emb = _model(), _emb()
-    proposer = Proposer(model, emb, emb, _settings(num_beams=6, temps=(), num_random=0, num_retrieval=0),
-                        per_query=True)
+    proposer = Proposer(
+        model, emb, emb, _settings(num_beams=6, temps=(), num_random=0, num_retrieval=0), per_query=True
+    )
     for q, rows in POOLS.items():
         (got,) = proposer.propose([q], [rows])
         seqs = list(itertools.permutations(range(len(rows)), 2))
@@ -208,8 +214,9 @@ def test_beams_equal_the_pointer_on_the_pool_alone():
         assert [c.pointer for c in got.candidates] == [seqs[i] for i in order]
         torch.testing.assert_close(torch.tensor([c.logprob_score for c in got.candidates]), steps.sum(1)[order])
         torch.testing.assert_close(torch.tensor([c.beam_score for c in got.candidates]), steps.exp().sum(1)[order])
-        assert [got.global_pointer(c) for c in got.candidates] == [(rows[a], rows[b]) for a, b in
-                                                                    (seqs[i] for i in order)]
+        assert [got.global_pointer(c) for c in got.candidates] == [
+            (rows[a], rows[b]) for a, b in (seqs[i] for i in order)
+        ]
 
 
 def test_samples_follow_the_tempered_pointer_on_the_pool_alone():
@@ -222,8 +229,9 @@ def test_samples_follow_the_tempered_pointer_on_the_pool_alone():
     with torch.no_grad():
         steps = model(emb[[q] * len(seqs)], emb[rows], labels)  # [n, 2, P] step log-probs over the pool alone
     # log softmax(logits / T) == log softmax(log-probs / T): the log-probs are the logits up to a constant
-    tempered = sum(torch.log_softmax(steps[:, t] / temp, dim=-1).gather(1, labels[:, t : t + 1]).squeeze(1)
-                   for t in range(2))
+    tempered = sum(
+        torch.log_softmax(steps[:, t] / temp, dim=-1).gather(1, labels[:, t : t + 1]).squeeze(1) for t in range(2)
+    )
     by_seq = dict(zip(seqs, tempered.tolist()))
     for c in by_method["sample"]:
         assert c.logprob_score == pytest.approx(by_seq[c.pointer], abs=1e-4)
@@ -296,8 +304,14 @@ def _record(query: int = 3, pool=(17, 2, 25, 9)) -> dict:
          "vqa_pred_answer": "blue", "vqa_correct": 0, "vqa_acc_score": 0.0, "vqa_eval_mode": "vqaEval",
          "eval_failed": False},
     ]  # fmt: skip
-    query = {"query_id": query, "question_id": 1, "image_id": 1, "question": "q?", "gt_answers_raw": ["red"] * 10,
-             "candidate_pool_ids": list(pool)}
+    query = {
+        "query_id": query,
+        "question_id": 1,
+        "image_id": 1,
+        "question": "q?",
+        "gt_answers_raw": ["red"] * 10,
+        "candidate_pool_ids": list(pool),
+    }
     return {"query": query, "pointer_candidates": candidates}
 
 

@@ -102,7 +102,7 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
         "--sampler",
         choices=SAMPLERS,
         help="where per-query pools come from: cache (--sampler_cache), rand (uniform, seeded per query), sim (nearest "
-        "by embedding cosine) (default: cache with --sampler_cache, else rand)",
+        "by embedding cosine); unset: cache when --sampler_cache is given, else rand",
     )
     more.add_argument(
         "--sampler_cache", type=Path, help="the lineage's sampler cache JSON: {str(query row): [pool rows]}"

@@ -238,9 +238,12 @@ def _global_pointer_problems(c: dict, rules: RecordRules, pool: list[int] | None
     pointer, value = c["pointer"], c.get(GLOBAL_POINTER_FIELD)
     if not isinstance(value, list):
         yield f"{GLOBAL_POINTER_FIELD} missing or not a list"
-    elif pool is not None and all(isinstance(i, int) and 0 <= i < len(pool) for i in pointer):
-        if value != [pool[i] for i in pointer]:
-            yield f"{GLOBAL_POINTER_FIELD} {value} is not {POOL_FIELD} at pointer {pointer}"
+    elif pool is not None and _in_pool(pointer, pool) and value != [pool[i] for i in pointer]:
+        yield f"{GLOBAL_POINTER_FIELD} {value} is not {POOL_FIELD} at pointer {pointer}"
+
+
+def _in_pool(pointer: list, pool: list[int]) -> bool:
+    return all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(pool) for i in pointer)
 
 
 def _method_problems(c: dict) -> Iterator[str]:

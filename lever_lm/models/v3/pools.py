@@ -126,18 +126,31 @@ class RandomPools(QueryPools):
 
 
 class SimilarPools(QueryPools):
-    """The `size` rows nearest to the query by raw-embedding cosine, nearest first."""
+    """The `size` rows nearest to the query by raw-embedding cosine, nearest first.
 
-    def __init__(self, size: int, query_emb: Tensor, cand_emb: Tensor, image_groups: ImageGroups | None):
+    The cosines of a block are one [B, N] matmul on `device` (at N = 443,757 a block of 32 costs
+    ~3 s on two CPU cores); the embeddings move there at the first block, so a run that only
+    merges shards never touches the device.
+    """
+
+    def __init__(
+        self, size: int, query_emb: Tensor, cand_emb: Tensor, image_groups: ImageGroups | None, device: str = "cpu"
+    ):
         self.size, self.query_emb, self.cand_emb, self.image_groups = size, query_emb, cand_emb, image_groups
-        self._cand_norms = cand_emb.float().norm(dim=1).clamp_min(1e-12)
+        self.device = torch.device(device)
+        self._cand: tuple[Tensor, Tensor] | None = None  # rows and their norms, on the device
 
     @torch.no_grad()
     def pools_of(self, queries: Sequence[int]) -> list[tuple[int, ...]]:
         ids = [int(q) for q in queries]
         if not ids:
             return []
-        sims = (F.normalize(self.query_emb[ids].float(), dim=1) @ self.cand_emb.float().T) / self._cand_norms
+        if self._cand is None:
+            cand = self.cand_emb.to(self.device, torch.float32)
+            self._cand = cand, cand.norm(dim=1).clamp_min(1e-12)
+        cand, norms = self._cand
+        queries_unit = F.normalize(self.query_emb[ids].to(self.device, torch.float32), dim=1)
+        sims = ((queries_unit @ cand.T) / norms).cpu()  # [B, N]
         return [_nearest(row, banned_rows(q, self.image_groups), self.size) for q, row in zip(ids, sims)]
 
 
@@ -168,14 +181,20 @@ def load_pools(
     seed: int,
     query_emb: Tensor,
     cand_emb: Tensor,
+    device: str = "cpu",
 ) -> QueryPools | None:
-    """The pools of the run's `queries` (None in global mode), every problem an InputError up front."""
+    """The pools of the run's `queries` (None in global mode), every problem an InputError up front.
+
+    `device`: where `sim` computes its cosines."""
     if not settings.per_query:
         return None
     num_items = len(image_ids)
     if settings.pool_size < shot_num:
-        raise InputError(None, f"--pool_size {settings.pool_size} is smaller than shot_num {shot_num}: "
-                         "a pool must hold every ICD of a candidate")
+        raise InputError(
+            None,
+            f"--pool_size {settings.pool_size} is smaller than shot_num {shot_num}: "
+            "a pool must hold every ICD of a candidate",
+        )
     if settings.sampler == "cache":
         pools = load_sampler_cache(settings.sampler_cache, queries, num_items, settings.pool_size)
         _check_cached_pools_leave_enough(settings.sampler_cache, pools, image_ids, exclude_same_image, shot_num)
@@ -187,7 +206,7 @@ def load_pools(
     log.info("per-query pools of %d rows from the %s sampler%s", settings.pool_size, settings.sampler, note)
     if settings.sampler == "rand":
         return RandomPools(settings.pool_size, num_items, seed, groups)
-    return SimilarPools(settings.pool_size, query_emb, cand_emb, groups)
+    return SimilarPools(settings.pool_size, query_emb, cand_emb, groups, device)
 
 
 def load_sampler_cache(
@@ -203,7 +222,9 @@ def load_sampler_cache(
     missing = [q for q in queries if str(q) not in cache]
     if missing:
         head = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-        raise InputError(path, f"the sampler cache has no pool for {len(missing)} of the {len(queries)} queries ({head})")
+        raise InputError(
+            path, f"the sampler cache has no pool for {len(missing)} of the {len(queries)} queries ({head})"
+        )
     pools: dict[int, tuple[int, ...]] = {}
     for q in queries:
         rows = cache[str(q)]
@@ -211,8 +232,11 @@ def load_sampler_cache(
             raise InputError(path, f"the pool of query {q} must be a list of row ids (integers)")
         outside = [r for r in rows if not 0 <= r < num_items]
         if outside:
-            raise InputError(path, f"the pool of query {q} has ids outside 0..{num_items - 1} ({outside[:3]}); "
-                             "pool rows are rows of the training split")
+            raise InputError(
+                path,
+                f"the pool of query {q} has ids outside 0..{num_items - 1} ({outside[:3]}); "
+                "pool rows are rows of the training split",
+            )
         if q in rows:
             raise InputError(path, f"the pool of query {q} contains the query itself")
         if len(set(rows)) != len(rows):
@@ -238,8 +262,11 @@ def _check_cached_pools_leave_enough(
     for q, rows in pools.items():
         left = sum(1 for r in rows if image_ids[r] != image_ids[q])
         if left < shot_num:
-            raise InputError(path, f"the pool of query {q} has {left} rows of other images, fewer than shot_num "
-                             f"{shot_num} (--exclude_same_image masks the rest)")
+            raise InputError(
+                path,
+                f"the pool of query {q} has {left} rows of other images, fewer than shot_num "
+                f"{shot_num} (--exclude_same_image masks the rest)",
+            )
 
 
 def _check_enough_rows(queries: Sequence[int], image_ids: Sequence[int], exclude_same_image: bool, size: int) -> None:
@@ -249,8 +276,11 @@ def _check_enough_rows(queries: Sequence[int], image_ids: Sequence[int], exclude
         left = len(image_ids) - (per_image[image_ids[q]] if per_image is not None else 1)
         if left < size:
             what = "the query and its image's rows" if per_image is not None else "the query"
-            raise InputError(None, f"query {q}: only {left} rows are left for its pool after excluding {what}, "
-                             f"fewer than --pool_size {size}")
+            raise InputError(
+                None,
+                f"query {q}: only {left} rows are left for its pool after excluding {what}, "
+                f"fewer than --pool_size {size}",
+            )
 
 
 # -- writing a sampler cache ---------------------------------------------------------------------

@@ -11,8 +11,8 @@ rows. With per-query pools (`Proposer(..., per_query=True)`, pools from `lever_l
 each query is proposed over its own pool alone: the pool rows' embeddings, in pool order, are
 the pointer's whole input (attention and choices), exactly as if the pool were all there is, and
 a pointer holds positions in that pool. The query is never in its pool. Pools differ per query,
-so those queries are proposed one at a time; a 64-row pool is tiny, and the cost per query is a
-few milliseconds (see `benchmarks/bench_pools.py`), far below the VQA model's.
+so those queries are proposed one at a time: a 64-row pool is tiny, and a query costs about 10 ms
+on two CPU cores (`benchmarks/bench_pools.py`), a few percent of its VQA scoring on a GPU.
 
 Methods, in de-duplication priority order:
   beam      beam search of width `num_beams`: at each step every live beam is extended by every
@@ -301,9 +301,9 @@ class Proposer:
         candidates' pointers are then positions in it.
         """
         ids = [int(q) for q in query_ids]
-        own = [tuple(int(r) for r in p) for p in pools] if pools is not None else [None] * len(ids)
-        groups = self.propose_by_method(ids, own if pools is not None else None)
-        return [_deduplicate(q, [g[m] for m in METHODS], pool) for q, g, pool in zip(ids, groups, own)]
+        own = [tuple(int(r) for r in p) for p in pools] if pools is not None else None
+        groups = self.propose_by_method(ids, own)
+        return [_deduplicate(q, [g[m] for m in METHODS], pool) for q, g, pool in zip(ids, groups, own or [None] * len(ids))]
 
     def propose_by_method(
         self, query_ids: Sequence[int], pools: Sequence[Sequence[int]] | None = None
