@@ -11,8 +11,8 @@ rows. With per-query pools (`Proposer(..., per_query=True)`, pools from `lever_l
 each query is proposed over its own pool alone: the pool rows' embeddings, in pool order, are
 the pointer's whole input (attention and choices), exactly as if the pool were all there is, and
 a pointer holds positions in that pool. The query is never in its pool. Pools differ per query,
-so those queries are proposed one at a time: a 64-row pool is tiny, and a query costs about 10 ms
-on two CPU cores (`benchmarks/bench_pools.py`), a few percent of its VQA scoring on a GPU.
+so those queries are proposed one at a time: a 64-row pool is tiny, and a query costs 3-8 ms on
+two CPU cores (`benchmarks/bench_pools.py`), about 1% of its VQA scoring on a GPU.
 
 Methods, in de-duplication priority order:
   beam      beam search of width `num_beams`: at each step every live beam is extended by every
