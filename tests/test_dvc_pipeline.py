@@ -86,6 +86,21 @@ def test_exp_run_with_other_temperatures(repo: Path):
     assert any("share_non_flat_groups" in r["metrics"]["data/rl/metrics.json"]["data"] for r in runs)
 
 
+def test_exp_run_with_per_query_pools(repo: Path):
+    dvc(repo, "exp", "run", "-S", "pool=per_query")
+    data = json.loads((repo / "data/rl/rl_data.json").read_text())
+    cache = json.loads((repo / "data/demo/sampler_cache.json").read_text())
+    for key, entry in data.items():
+        assert entry["query"]["candidate_pool_ids"] == cache[key] and len(cache[key]) == 64
+        assert all(c["pointer_global"] == [cache[key][i] for i in c["pointer"]] for c in entry["pointer_candidates"])
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    runs = [run["data"] for commit in shown for exp in (commit.get("experiments") or []) for run in exp.get("revs", [])]
+    per_query = [r for r in runs if r["params"]["params.yaml"]["data"]["pool"] == "per_query"]
+    assert per_query and "top10_icd_share" in per_query[0]["metrics"]["data/rl/metrics.json"]["data"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "pool": "global"}, sort_keys=False))  # for the next tests
+
+
 def test_an_interrupted_generation_resumes_under_repro(repo: Path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["seed"] = 7  # new settings: a new journal, nothing done yet

@@ -18,6 +18,10 @@ queries (blocks are also the unit of sharding and of the Ray engine's scheduling
    `gt_prob`, every prompt also asks the backend for the likelihood of each of the query's
    distinct human answers (`vqa_gt_prob`, docs/formats.md §7).
 
+With per-query pools (`--pool per_query`) each query is proposed over its own pool alone: the
+block's pools come from `inputs.pools`, a candidate's pointer holds positions in its query's pool
+(prompts are built from the global rows), and the record carries the pool.
+
 A query whose own image cannot be read gets no real scores: every candidate shows that image, so
 its group would be all zeros that look like data. Its result says so (`query_error`), and the
 final JSON leaves it out (see `lever_lm.rl.output`).
@@ -81,13 +85,15 @@ class BlockScorer:
             image_ids=inputs.dataset.image_ids,
             device=device,
             query_batch_size=block_size,
+            per_query=inputs.pools is not None,
         )
 
     def run(self, block: Sequence[int], todo: set[int]) -> Iterator[QueryResult]:
         """The results of the block's queries that are in `todo`, in block order."""
         if not todo.intersection(block):
             return
-        yield from self.score(self.proposer.propose(block), todo)
+        pools = self.inputs.pools.pools_of(block) if self.inputs.pools is not None else None
+        yield from self.score(self.proposer.propose(block, pools), todo)
 
     def score(self, proposals: list[QueryProposals], todo: set[int]) -> Iterator[QueryResult]:
         """Score the block's candidates chunk by chunk (chunks cut from the whole block)."""
@@ -119,7 +125,7 @@ class BlockScorer:
         return any(proposals[i].query_idx in todo for i, _, _ in chunk)
 
     def _prompts(self, proposals: list[QueryProposals], chunk: list[tuple[int, int, Candidate]]) -> list:
-        return [build_prompt(self.inputs.dataset, proposals[i].query_idx, c.pointer) for i, _, c in chunk]
+        return [build_prompt(self.inputs.dataset, proposals[i].query_idx, proposals[i].global_pointer(c)) for i, _, c in chunk]
 
     def _replies(self, query_idx: int) -> tuple[str, ...]:
         """The replies whose likelihoods give `vqa_gt_prob`: the query's distinct human answers."""
@@ -131,11 +137,12 @@ class BlockScorer:
         answers = self.inputs.scoring_answers[query_idx]
         prepared = prepare_answers(list(answers), mode=self.eval_mode)
         replies = self._replies(query_idx) if self.gt_prob else None
+        pool = proposals.pool
         candidates = [
-            candidate_record(c, g, prepared, answers, replies) for c, g in zip(proposals.candidates, generations)
+            candidate_record(c, g, prepared, answers, replies, pool) for c, g in zip(proposals.candidates, generations)
         ]
         entry = {
-            "query": query_record(query_idx, item.question_id, item.image_id, item.question, answers),
+            "query": query_record(query_idx, item.question_id, item.image_id, item.question, answers, pool),
             "pointer_candidates": candidates,
         }
         stats: dict = {"duplicates_dropped": dict(proposals.duplicates_dropped)}

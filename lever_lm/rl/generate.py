@@ -111,7 +111,7 @@ def plan_run(request: GenerationRequest, block_size: int = PROPOSAL_BLOCK) -> Ru
     """Read the inputs and fix the run's fingerprint."""
     inputs = load_inputs(request)
     settings = fingerprints.run_settings(request, inputs, block_size)
-    rules = RecordRules(inputs.proposal.shot_num, len(inputs.dataset))
+    rules = RecordRules(inputs.proposal.shot_num, len(inputs.dataset), inputs.pools.size if inputs.pools else None)
     return RunPlan(request, inputs, settings, fingerprints.fingerprint(settings), block_size, rules)
 
 
