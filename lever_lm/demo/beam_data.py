@@ -18,12 +18,12 @@ distinct pool items: each step scores every (beam, candidate) pair and keeps the
 best. Beams are ranked by their summed InfoScore, which telescopes to p(all ICDs) - p(no ICD);
 Lever-LM ranks by the last step's InfoScore alone, which on a VLM whose probability saturates
 keeps the beams whose first ICD did NOT help (they have the most room left to gain). A new ICD
-goes after the ICDs already picked, so `id_list` holds each beam in prompt order (ICDs, then the
-query), best beam first; `score_list` holds each beam's last-step InfoScore (SPEC §3.2). Ties
+goes after the ICDs already picked (Lever-LM puts it in front), so `id_list` holds each beam in
+prompt order (ICDs, then the query), best beam first; `score_list` holds each beam's last-step InfoScore (SPEC §3.2). Ties
 break toward the lower beam, then the lower id.
 
-Cost: (1 + candidate_num + beam_size * (candidate_num - 1) * (shot_num - 1)) prompts per query,
-scored in batches; about half a minute for the demo's 64 queries on one CPU thread. Deterministic:
+Cost: about candidate_num * (1 + beam_size * (shot_num - 1)) prompts per query (380 on the demo),
+scored in batches; about 40 s for the demo's 64 queries on one CPU thread. Deterministic:
 the same inputs and seed on the same machine give the same file.
 
     python -m lever_lm.demo.beam_data --vqa_model data/demo/models/qwen2.5-vl-demo --out data/demo/beam_data.json \\

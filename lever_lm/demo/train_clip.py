@@ -4,9 +4,10 @@ The pointer network reads CLIP embeddings (picture and question) to tell which d
 help a query. The demo VLM is helped by a demonstration that shares the query's answer, and the
 answer is in the picture: its colour, shape, count or side. With random weights the tiny CLIP
 keeps too little of that (a linear probe on its image embeddings of the demo training pictures
-finds the shape and the count about half the time), so no pointer can learn from it. A real CLIP
-carries such content because it was trained on pictures with captions. The demo CLIP gets the
-same training at toy scale: CLIP's own contrastive loss (`CLIPModel(..., return_loss=True)`)
+finds the shape and the count about half the time): a pointer trained on InfoScore beam data over
+those embeddings proposed ICDs no better than random ones. A real CLIP carries such content
+because it was trained on pictures with captions. The demo CLIP gets the same training at toy
+scale: CLIP's own contrastive loss (`CLIPModel(..., return_loss=True)`)
 on every picture the demo can draw -- each scene of `dataset.SHAPES` x colours x counts x sides
 on each background, rendered by `dataset.render_scene` and stored as JPEG as the data set's
 pictures are -- paired with a caption of what it shows ("two red circles on the left"). It never
@@ -17,7 +18,7 @@ After training the same probe finds colour, shape and side nearly always and the
 the time, and a pointer trained on InfoScore beam data picks demonstrations that share the
 query's answer (README, "The embedded default").
 
-Cost: about 10 s on one CPU thread. Determinism: the seed fixes every draw; training runs with a
+Cost: about 15 s on one CPU thread. Determinism: the seed fixes every draw; training runs with a
 fixed thread count and deterministic kernels (`train_vlm.deterministic_torch`), so the same seed
 on the same machine gives bit-identical weights.
 
