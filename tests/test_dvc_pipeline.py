@@ -18,13 +18,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lever_lm.models.v2.checkpoint import load_pointer_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_PARAMS = {
     "num_beams": 2,
     "temps": [1.0],
     "num_samples_per_temp": 1,
     "num_random": 1,
-    "demo": {"beam_queries": 8},
+    "demo": {"beam_queries": 8, "candidate_num": 16},
+    "demo_clip": {"steps": 30},
     "sft": {"epochs": 5},
     "demo_vlm": {"vision_steps": 30, "steps": 30},
 }
@@ -68,6 +71,7 @@ def test_repro_builds_everything_and_a_second_repro_is_a_no_op(repo: Path):
     metrics = json.loads((repo / "data/rl/metrics.json").read_text())
     assert metrics["queries"] == 8 and metrics["candidates"] > 0
     assert (repo / "data/rl/plots/group_reward_std.png").is_file()
+    assert load_pointer_checkpoint(repo / "data/demo/sft/pointer_v2.ckpt").hidden_dim == 256  # what the lineage builds
     again = dvc(repo, "repro")
     assert "Running stage" not in again.stdout
     assert "up to date" in again.stdout

@@ -1,4 +1,4 @@
-"""Per-query candidate pools (SPEC §7): the pools themselves, proposals over a pool alone, the record schema.
+"""Per-query candidate pools (docs/formats.md §7): the pools themselves, proposals over a pool alone, the record schema.
 
 References are independent of the code under test: the pointer's distributions over a pool come
 from its teacher-forced `forward` on the pool's embeddings alone, nearest neighbours from a float64

@@ -1,4 +1,4 @@
-"""Candidate pools: the global pool, or one pool per query (SPEC §7, the lineage's "k64" layout).
+"""Candidate pools: the global pool, or one pool per query (docs/formats.md §7).
 
 Why. The lineage's SFT pointer learnt to choose among the 64-row pools of its beam data's
 sampler, and its query state attends over the whole pool it is given: over all 9,009 (or

@@ -6,7 +6,7 @@ query's own row, and optionally every row sharing its image, is never proposed: 
 picked, those rows get probability 0 at every step (masked before the softmax, so each step's
 distribution is renormalised over the rows left).
 
-Pools (SPEC §7). By default the pool is every training row, and a pointer holds global training
+Pools (docs/formats.md §7). By default the pool is every training row, and a pointer holds global training
 rows. With per-query pools (`Proposer(..., per_query=True)`, pools from `lever_lm.models.v3.pools`)
 each query is proposed over its own pool alone: the pool rows' embeddings, in pool order, are
 the pointer's whole input (attention and choices), exactly as if the pool were all there is, and
