@@ -111,12 +111,14 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
         "--sampler_cache", type=Path, help="the lineage's sampler cache JSON: {str(query row): [pool rows]}"
     )
     more.add_argument("--eval_mode", choices=MODES, default=REQUEST["eval_mode"], help="VQA accuracy normalisation")
-    more.add_argument(
+    gt_prob = more.add_mutually_exclusive_group()
+    gt_prob.add_argument(
         "--gt_prob",
-        action=argparse.BooleanOptionalAction,
+        action="store_true",
         default=REQUEST["gt_prob"],
-        help="compute vqa_gt_prob, the model's expected accuracy over the human answers (off: null)",
+        help="compute vqa_gt_prob, the model's expected accuracy over the human answers",
     )
+    gt_prob.add_argument("--no_gt_prob", dest="gt_prob", action="store_false", help="do not: the field is null")
     more.add_argument("--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory; 16 on CPU)")
     more.add_argument("--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards")
     more.add_argument("--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole proposal blocks)")
