@@ -29,7 +29,7 @@ SMALL_PARAMS = {
     "demo": {"beam_queries": 8, "candidate_num": 16},
     "demo_clip": {"steps": 30},
     "sft": {"epochs": 5},
-    "demo_vlm": {"vision_steps": 30, "steps": 30},
+    "demo_vlm": {"vision_steps": 150, "steps": 150},  # enough for answers (and gt_prob) to mean something
 }
 
 
@@ -76,6 +76,21 @@ def test_repro_builds_everything_and_a_second_repro_is_a_no_op(repo: Path):
     assert "Running stage" not in again.stdout
     assert "up to date" in again.stdout
     assert dvc(repo, "config", "core.analytics").stdout.strip() == "false"
+
+
+def test_gt_prob_carries_the_signal_of_accuracy_and_more(repo: Path):
+    """On the demo: correct candidates get a clearly higher vqa_gt_prob, it ranks like accuracy, and it
+    still tells candidates apart where accuracy cannot (groups whose accuracy is flat)."""
+    data = json.loads((repo / "data/rl/rl_data.json").read_text())
+    candidates = [c for e in data.values() for c in e["pointer_candidates"]]
+    assert all(0.0 <= c["vqa_gt_prob"] <= 1.0 for c in candidates)
+    metrics = json.loads((repo / "data/rl/metrics.json").read_text())
+    breakdown = json.loads((repo / "data/rl/metrics_breakdown.json").read_text())["gt_prob"]
+    assert metrics["gt_prob"]["spearman_with_accuracy"] >= 0.3
+    assert breakdown["mean_when_correct"] >= breakdown["mean_when_incorrect"] + 0.1
+    assert breakdown["accuracy_flat_groups"] > 0 and breakdown["share_of_them_where_gt_prob_differs"] > 0.5
+    modes = metrics["reward_modes"]
+    assert modes["hard01_plus_gtprob"]["non_flat"] >= modes["hard_plus_soft"]["non_flat"]
 
 
 def test_exp_run_with_other_temperatures(repo: Path):
