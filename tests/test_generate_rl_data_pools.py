@@ -119,7 +119,7 @@ def test_pools_are_the_caches_and_pointers_are_positions_in_them(reference, cach
     dataset_paths = request_from_args(generate_rl_data.build_parser().parse_args(argv(rl_inputs, reference))).dataset
     outputs = ValidationOutputs(tmp_path / "metrics.json", tmp_path / "breakdown.json", tmp_path / "plots")
     metrics = run_validation(reference, rl_inputs.beam_data, dataset_paths, outputs, sampler_cache=cache)
-    assert metrics["queries"] == 8 and 0 < metrics["top10_icd_share"] <= 1
+    assert metrics["queries"] == 8
     icds = read_json(tmp_path / "breakdown.json")["icds"]
     used = {i for e in data.values() for c in e["pointer_candidates"] for i in c["pointer_global"]}
     assert icds["distinct_icds"] == len(used), "ICDs are counted as global rows"

@@ -179,36 +179,31 @@ def method_label(candidate: dict) -> str:
 
 
 def compute_metrics(data: dict, weights: RewardWeights = RewardWeights()) -> dict:
-    """The numbers `dvc exp show` compares (plain floats and ints): the headline, the dense-reward
-    signal (`gt_prob`) and, per trainer reward mode, the share of non-flat groups and the mean group std."""
+    """The headline that `dvc exp show` compares, kept to one screen (plain floats and ints): queries,
+    candidates, accuracy (per candidate and per query), best-of-group and beam-top-1 accuracy, the
+    share of non-flat groups and the mean group std (GRPO learns only from groups whose rewards
+    differ), and with `vqa_gt_prob`: its Spearman correlation with accuracy, and the share of
+    non-flat groups under the trainer's `hard01_plus_gtprob` reward. The rest is in the breakdown."""
     rewards = [[c["vqa_acc_score"] for c in entry["pointer_candidates"]] for entry in data.values()]
     rewards = [r for r in rewards if r]
     all_candidates = [c for entry in data.values() for c in entry["pointer_candidates"]]
     metrics = {
         "queries": len(data),
         "candidates": len(all_candidates),
-        "failed_evaluations": sum(1 for c in all_candidates if c["eval_failed"]),
         "accuracy": _mean(c["vqa_acc_score"] for c in all_candidates),
-        "query_accuracy": _mean(_mean(r) for r in rewards),
-        "best_of_group_accuracy": _mean(max(r) for r in rewards),
-        "beam_top1_accuracy": _mean(
+        "query_acc": _mean(_mean(r) for r in rewards),
+        "best_of_group": _mean(max(r) for r in rewards),
+        "beam_top1": _mean(
             c["vqa_acc_score"] for c in all_candidates if c["gen_method"] == "beam" and c.get("beam_rank") == 0
         ),
-        "share_non_flat_groups": _share_non_flat(rewards),
-        "mean_group_reward_std": _mean(statistics.pstdev(r) for r in rewards),
-        "top10_icd_share": icd_spread(all_candidates)["top10_icd_share"],
+        "non_flat": _share_non_flat(rewards),
+        "group_std": _mean(statistics.pstdev(r) for r in rewards),
     }
-
-
     with_gt = [c for c in all_candidates if c.get(GT_PROB_FIELD) is not None]
     if with_gt:
-        metrics["gt_prob"] = {
-            "mean": _mean(c[GT_PROB_FIELD] for c in with_gt),
-            "spearman_with_accuracy": round(
-                spearman([c[GT_PROB_FIELD] for c in with_gt], [c["vqa_acc_score"] for c in with_gt]), 6
-            ),
-        }
-    metrics["reward_modes"] = reward_mode_metrics(data, weights, with_gt_prob=bool(with_gt))
+        xs, ys = [c[GT_PROB_FIELD] for c in with_gt], [c["vqa_acc_score"] for c in with_gt]
+        metrics["gt_prob_rho"] = round(spearman(xs, ys), 6)
+        metrics["non_flat_gtprob"] = reward_mode_metrics(data, weights, True)["hard01_plus_gtprob"]["non_flat"]
     return metrics
 
 
@@ -267,14 +262,16 @@ def compute_breakdown(data: dict, meta: dict | None = None) -> dict:
     """The detail behind the headline: per method and temperature, group sizes, duplicates dropped."""
     all_candidates = [c for entry in data.values() for c in entry["pointer_candidates"]]
     sizes = [len(entry["pointer_candidates"]) for entry in data.values()]
+    with_gt = any(c.get(GT_PROB_FIELD) is not None for c in all_candidates)
     breakdown = {
+        "failed_evaluations": sum(1 for c in all_candidates if c["eval_failed"]),
         "candidates_per_query": {"mean": _mean(sizes), "min": min(sizes, default=0), "max": max(sizes, default=0)},
         "share_correct": _mean(c["vqa_correct"] for c in all_candidates),
         "by_method": _by_label(all_candidates, lambda c: c["gen_method"]),
         "by_label": _by_label(all_candidates, method_label),
         "icds": icd_spread(all_candidates),
     }
-    with_gt = [c for c in all_candidates if c.get(GT_PROB_FIELD) is not None]
+    breakdown["reward_modes"] = reward_mode_metrics(data, RewardWeights(), with_gt_prob=with_gt)
     if with_gt:
         breakdown["gt_prob"] = gt_prob_breakdown(data)
     counts = (meta or {}).get("counts") or {}
@@ -286,8 +283,8 @@ def compute_breakdown(data: dict, meta: dict | None = None) -> dict:
 
 
 def gt_prob_breakdown(data: dict) -> dict:
-    """Does `vqa_gt_prob` carry accuracy's signal, and more: its mean on correct and on incorrect
-    candidates, and among the groups whose accuracy is flat, the share where gt_prob still differs."""
+    """Does `vqa_gt_prob` carry accuracy's signal, and more: its mean over all, on correct and on
+    incorrect candidates, and among the groups whose accuracy is flat, the share where it differs."""
     candidates = [c for e in data.values() for c in e["pointer_candidates"] if c.get(GT_PROB_FIELD) is not None]
     flat = [
         e["pointer_candidates"]
@@ -296,6 +293,7 @@ def gt_prob_breakdown(data: dict) -> dict:
     ]
     varied = [len({round(c.get(GT_PROB_FIELD) or 0.0, 9) for c in group}) > 1 for group in flat]
     return {
+        "mean": _mean(c[GT_PROB_FIELD] for c in candidates),
         "mean_when_correct": _mean(c[GT_PROB_FIELD] for c in candidates if c["vqa_correct"]),
         "mean_when_incorrect": _mean(c[GT_PROB_FIELD] for c in candidates if not c["vqa_correct"]),
         "accuracy_flat_groups": len(flat),
@@ -559,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         f"valid: {metrics['queries']} queries, {metrics['candidates']} candidates; accuracy {metrics['accuracy']:.3f}, "
-        f"non-flat groups {metrics['share_non_flat_groups']:.1%}"
+        f"non-flat groups {metrics['non_flat']:.1%}"
     )
 
 
