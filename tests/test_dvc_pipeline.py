@@ -86,7 +86,7 @@ def test_gt_prob_carries_the_signal_of_accuracy_and_more(repo: Path):
     assert all(0.0 <= c["vqa_gt_prob"] <= 1.0 for c in candidates)
     metrics = json.loads((repo / "data/rl/metrics.json").read_text())
     breakdown = json.loads((repo / "data/rl/metrics_breakdown.json").read_text())["gt_prob"]
-    assert metrics["gt_prob_rho"] >= 0.3
+    assert metrics["gt_rho"] >= 0.3
     assert breakdown["mean_when_correct"] >= breakdown["mean_when_incorrect"] + 0.1
     assert breakdown["accuracy_flat_groups"] > 0 and breakdown["share_of_them_where_gt_prob_differs"] > 0.5
     modes = json.loads((repo / "data/rl/metrics_breakdown.json").read_text())["reward_modes"]
