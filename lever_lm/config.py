@@ -2,11 +2,11 @@
 
 Top-level sections (each optional):
 
-    dataset:                      # the training split (candidate pool and queries), SPEC §2
+    dataset:                      # the training split (candidate pool and queries), docs/formats.md §2
       train_ques_path: ...        # official VQA questions JSON
       train_ann_path: ...         # official VQA annotations JSON
       train_image_root: ...       # directory of COCO_<split>2014_<image_id:012d>.jpg
-      val_ques_path: ...          # questions/annotations used to score queries (see SPEC §2 note)
+      val_ques_path: ...          # questions/annotations used to score queries (see docs/formats.md §2 note)
       val_ann_path: ...
     vqa_model:                    # VQA model settings (path, system_prompt, templates, generation, batch_size)
       ...

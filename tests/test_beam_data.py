@@ -27,7 +27,6 @@ def test_reads_queries_in_key_order_and_ignores_extra_keys(tmp_path):
     assert beam.query_ids == [7, 2]
     assert beam.shot_num == 2
     assert beam.id_lists == {7: [[3, 1, 7], [1, 3, 7]], 2: [[9, 0, 2]]}
-    assert beam.score_lists == {7: [0.5, 0.25], 2: [1.0]}
     assert beam.icd_sequences(7) == [[3, 1], [1, 3]]
 
 

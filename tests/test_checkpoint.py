@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,59 @@ def test_hyper_parameters_with_foreign_objects_still_load(tmp_path, monkeypatch)
     torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
     monkeypatch.delattr(sys.modules[__name__], "NotImportableHere")
     _same_weights(model, load_pointer_checkpoint(path))
+
+
+class RunsCode:
+    """Unpickling this calls `mark(path)`: what a crafted checkpoint does with `os.system`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (_mark, (str(self.path),))
+
+
+def _mark(path: str) -> None:
+    Path(path).write_text("code ran")
+
+
+@pytest.mark.parametrize("where", ["hyper_parameters", "state_dict_extra"])
+def test_a_pickled_call_in_a_checkpoint_never_runs(tmp_path, where):
+    model = _model(24, 16, 1, False)
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    state = {POINTER_PREFIX + k: v for k, v in model.state_dict().items()}
+    checkpoint = {"state_dict": state, "hyper_parameters": {"cfg": RunsCode(marker)}}
+    if where == "state_dict_extra":
+        checkpoint = {"state_dict": state, "callbacks": [RunsCode(marker)], "hyper_parameters": {}}
+    torch.save(checkpoint, path)
+    with pytest.raises(Exception):  # the plain pickle path would run it: the test's own check
+        torch.load(path, weights_only=True)
+    _same_weights(model, load_pointer_checkpoint(path))  # the weights load ...
+    assert not marker.exists(), "unpickling ran code from the checkpoint"  # ... and nothing ran
+
+
+def test_an_os_system_call_in_a_checkpoint_never_runs(tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    model = _model(24, 16, 1, False)
+    path = tmp_path / "evil.ckpt"
+    state = {POINTER_PREFIX + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"cfg": Evil()}}, path)
+    _same_weights(model, load_pointer_checkpoint(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_state_dict_that_is_itself_a_crafted_object_is_refused_without_running(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save(RunsCode(tmp_path / "pwned"), path)
+    with pytest.raises(InputError, match="not a checkpoint"):
+        load_pointer_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
 
 
 def _saved_state(tmp_path, edit) -> str:

@@ -112,3 +112,21 @@ def test_another_seed_gives_another_data_set(tmp_path: Path, demo_dir: Path):
     build_demo(tmp_path, seed=1)
     name = "OpenEnded_mscoco_train2014_questions.json"
     assert (tmp_path / "vqa" / name).read_bytes() != (demo_dir / "vqa" / name).read_bytes()
+
+
+def test_tiny_openflamingo_is_in_the_user_layout_and_answers(demo_dir: Path):
+    from lever_lm.vqa.backends import load_backend
+    from lever_lm.vqa.prompts import FewShotPrompt, Shot
+
+    model_dir = demo_dir / "models" / "openflamingo-tiny"
+    assert (model_dir / "checkpoint.pt").is_file()
+    assert (model_dir / "lang_encoder" / "tokenizer.json").is_file() and (model_dir / "vision_encoder").is_dir()
+    backend = load_backend("flamingo_3B", model_path=str(model_dir), device="cpu")
+    images = sorted((demo_dir / "vqa" / "mscoco2014" / "train2014").iterdir())[:3]
+    prompts = [
+        FewShotPrompt(shots=(Shot(images[0], "What color?", "red"), Shot(images[1], "What shape?", "circle")),
+                      query=Shot(images[2], "What color?")),
+        FewShotPrompt(shots=(), query=Shot(images[0], "How many?")),
+    ]  # fmt: skip
+    results = backend.generate(prompts)
+    assert [r.error for r in results] == [None, None] and all(isinstance(r.raw, str) for r in results)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lever_lm.data.embeddings import load_embeddings
-from lever_lm.data.vqa import VQADataset
+from lever_lm.data.vqa import VQADataset, read_rgb_image
 from lever_lm.demo.dataset import Split
 from lever_lm.embeddings.export import export_embeddings, load_clip
 from lever_lm.models.v3.export_embeddings import main
@@ -33,9 +33,9 @@ def demo(demo_dir):
 
 
 def _embed_alone(model, processor, dataset, idx) -> torch.Tensor:
-    """The SPEC §3.3 formula for one item, straight through the model."""
+    """The docs/formats.md §3.3 formula for one item, straight through the model."""
     with torch.no_grad():
-        pixels = processor.image_processor(images=[dataset.load_image(idx)], return_tensors="pt")["pixel_values"]
+        pixels = processor.image_processor(images=[read_rgb_image(dataset.image_path(idx))], return_tensors="pt")["pixel_values"]
         image = model.get_image_features(pixel_values=pixels).pooler_output[0]
         tokens = processor.tokenizer([dataset[idx].question], return_tensors="pt")
         text = model.get_text_features(**tokens).pooler_output[0]

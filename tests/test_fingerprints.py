@@ -67,7 +67,7 @@ def test_digests_are_cached_by_file_identity(tmp_path: Path, monkeypatch):
 def test_vqa_settings_fail_early_like_loading(tmp_path: Path):
     with pytest.raises(InputError, match="model directory not found"):
         describe(tmp_path / "none")
-    with pytest.raises(InputError, match="flamingo_3B"):
+    with pytest.raises(InputError, match="flamingo_3B needs a model directory"):
         describe_settings("flamingo_3B", model_path=None, config={}, device="cpu")
     with pytest.raises(InputError, match="needs a model directory"):
         describe_settings("hf_image_text_to_text", model_path=None, config={}, device="cpu")

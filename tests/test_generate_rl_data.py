@@ -56,6 +56,9 @@ class NoModel:
 
     batch_size = 4
 
+    def prefetch(self, prompts):
+        raise AssertionError("the VQA model must not be used when every query is journaled")
+
     def generate(self, prompts):
         raise AssertionError("the VQA model must not be used when every query is journaled")
 
@@ -211,3 +214,106 @@ def test_queries_are_scored_with_the_val_annotations_that_hold_them(reference, r
     entries = list(scored.values())
     assert entries[0]["query"]["gt_answers_raw"] == ["zebra"] * 10
     assert entries[1]["query"]["gt_answers_raw"] == list(data.values())[1]["query"]["gt_answers_raw"]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--shot_num", "0"], "--shot_num must be >= 1"),
+        (["--temps", "1e-38"], "temperature 1e-38 is below"),
+        (["--batch_size", "0"], "--batch_size must be >= 1"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(extra, expected, rl_inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_rl_data.main(argv(rl_inputs, tmp_path / "rl.json", *extra))
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "rl.json.journal").exists()
+
+
+def test_unwritable_output_locations_are_refused_at_the_start(rl_inputs, tmp_path, capsys):
+    (tmp_path / "dir.json").mkdir()
+    (tmp_path / "file").write_text("x")
+    for extra, output, expected in [
+        ([], tmp_path / "dir.json", "--output_path is a directory"),
+        (["--journal_dir", str(tmp_path / "file")], tmp_path / "rl.json", "is a file, not a directory"),
+        ([], tmp_path / "file" / "rl.json", "is a file, not a directory"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_without_model_main(argv(rl_inputs, output, *extra))
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def run_without_model_main(args: list[str]) -> None:
+    """The CLI, with a model that must never be used (the run must stop before it)."""
+    import lever_lm.rl.generate as generate
+
+    real = generate.load_backend
+    generate.load_backend = lambda *a, **k: NoModel()
+    try:
+        generate_rl_data.main(args)
+    finally:
+        generate.load_backend = real
+
+
+def test_no_temperatures_means_no_sampling(rl_inputs, tmp_path):
+    from stages.generate_rl_data import argv_from_params
+
+    flags = argv_from_params({"temps": [], "num_samples_per_temp": 2, "seed": 3, "unrelated": 1})
+    assert flags == ["--temps", "--num_samples_per_temp", "2", "--seed", "3"]
+    output = tmp_path / "rl.json"
+    generate_rl_data.main(argv(rl_inputs, output, "--limit", "2") + flags)
+    methods = {c["gen_method"] for e in load_rl_data(output).values() for c in e["pointer_candidates"]}
+    assert "sample" not in methods and "beam" in methods
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(reference, rl_inputs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import lever_lm.rl.journal as journal
+
+    real, writes = journal._write_line, []
+
+    def fill_up(handle, text):
+        writes.append(text)
+        if len(writes) > 4:  # header + 3 queries fit
+            raise OSError(errno.ENOSPC, "No space left on device", str(handle.name))
+        real(handle, text)
+
+    monkeypatch.setattr(journal, "_write_line", fill_up)
+    output = tmp_path / "rl.json"
+    with pytest.raises(SystemExit) as exit_info:
+        generate_rl_data.main(argv(rl_inputs, output))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "No space left on device" in err and "Traceback" not in err
+    assert "3 queries are journaled" in err and not output.exists()
+    monkeypatch.setattr(journal, "_write_line", real)
+    generate_rl_data.main(argv(rl_inputs, output))
+    assert output.read_bytes() == reference.read_bytes()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_run_with_one_line_and_a_rerun_resumes(reference, rl_inputs, tmp_path, signum, code):
+    output = tmp_path / "rl.json"
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output, "--batch_size", "2")]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        journals = list((tmp_path / "rl.json.journal").glob("*/shard-0-of-1.jsonl"))
+        if journals and journals[0].read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code
+    assert "interrupted:" in err and "rerun the same command to resume" in err and "Traceback" not in err
+    generate_rl_data.main(argv(rl_inputs, output))
+    assert output.read_bytes() == reference.read_bytes()
+
+
+def test_a_limit_below_what_is_journaled_writes_the_first_queries(reference, rl_inputs, tmp_path):
+    limited = tmp_path / "limited.json"
+    journal = ["--journal_dir", str(reference.with_name("rl.json.journal"))]
+    run_without_model(argv(rl_inputs, limited, "--limit", "4", *journal))
+    full = load_rl_data(reference)
+    assert load_rl_data(limited) == {k: full[k] for k in list(full)[:4]}

@@ -1,4 +1,4 @@
-"""Post-processing of raw generations (SPEC §5): cut at the next block, then at the first ", "."""
+"""Post-processing of raw generations (docs/formats.md §5): cut at the next block, then at the first ", "."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Candidate proposals (SPEC §4): beam search, temperature samples, random, retrieval, de-duplication.
+"""Candidate proposals (docs/formats.md §4): beam search, temperature samples, random, retrieval, de-duplication.
 
 References are computed independently of the fast path: sequence log-probabilities come from the
 model's teacher-forced `forward` (itself pinned to nn.MultiheadAttention in test_pointer_selector),

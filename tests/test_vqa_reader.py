@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lever_lm.data.vqa import VQADataset, load_annotations
+from lever_lm.data.vqa import VQADataset, load_annotations, read_rgb_image
 from lever_lm.demo.dataset import Split
 from lever_lm.errors import InputError
 
 
-def _load_demo(demo_dir: Path, **kwargs) -> VQADataset:
+def _load_demo(demo_dir: Path) -> VQADataset:
     split = Split("train", demo_dir / "vqa")
-    return VQADataset.load(split.questions_path, split.annotations_path, split.image_root, **kwargs)
+    return VQADataset.load(split.questions_path, split.annotations_path, split.image_root)
 
 
 def _answer(text: str, i: int) -> dict:
@@ -67,7 +67,7 @@ def test_demo_split_is_sorted_by_question_id_and_matches_the_files(demo_dir):
     for idx in (0, 1, 137, 273):
         item, record = dataset[idx], expected[idx]
         annotation = annotations[record["question_id"]]
-        assert item.idx == idx and dataset.row_of_question_id(item.question_id) == idx
+        assert item.idx == idx
         assert (item.question_id, item.image_id, item.question) == (
             record["question_id"],
             record["image_id"],
@@ -83,19 +83,6 @@ def test_demo_split_is_sorted_by_question_id_and_matches_the_files(demo_dir):
         dataset[274]
 
 
-def test_images_load_lazily_as_rgb_through_a_bounded_cache(demo_dir):
-    dataset = _load_demo(demo_dir, image_cache_size=2)
-    rows = [0, 5, 9]
-    assert len({dataset[r].image_id for r in rows}) == 3
-    first = dataset.load_image(rows[0])
-    assert first.mode == "RGB" and first.size == (64, 64)
-    assert dataset.load_image(rows[0]) is first  # cached
-    dataset.load_image(rows[1])
-    dataset.load_image(rows[2])  # evicts rows[0], the least recently used
-    again = dataset.load_image(rows[0])
-    assert again is not first and list(again.getdata()) == list(first.getdata())
-
-
 def test_icd_answer_without_multiple_choice_is_the_most_frequent_raw_answer_ties_first(tmp_path):
     dataset = VQADataset.load(*_write_small_set(tmp_path, mc=False))
     assert [dataset[i].question_id for i in range(3)] == [10, 20, 30]
@@ -109,7 +96,7 @@ def test_image_prefix_from_data_subtype_else_from_the_image_root_name(tmp_path):
     q_path, a_path, image_root = _write_small_set(tmp_path, with_subtype=False)
     dataset = VQADataset.load(q_path, a_path, image_root)
     assert dataset.image_path(0) == image_root / "COCO_train2014_000000000005.jpg"
-    assert dataset.load_image(2).getpixel((0, 0))[0] > 150  # image 7 is the brighter one
+    assert read_rgb_image(dataset.image_path(2)).getpixel((0, 0))[0] > 150  # image 7 is the brighter one
     odd_root = tmp_path / "pictures"
     image_root.rename(odd_root)
     with pytest.raises(InputError, match="cannot tell the COCO image file prefix") as error:
@@ -183,10 +170,10 @@ def test_missing_or_unreadable_image_names_the_file(tmp_path):
     missing = dataset.image_path(0)
     missing.unlink()
     with pytest.raises(InputError, match="image file not found") as error:
-        dataset.load_image(0)
+        read_rgb_image(dataset.image_path(0))
     assert error.value.path == str(missing)
     broken = dataset.image_path(2)
     broken.write_bytes(b"not a jpeg")
     with pytest.raises(InputError, match="cannot read image") as error:
-        dataset.load_image(2)
+        read_rgb_image(dataset.image_path(2))
     assert error.value.path == str(broken)

@@ -1,4 +1,4 @@
-"""Beam data JSON from Lever-LM's data generation (SPEC §3.2): queries, ICD sequences, scores.
+"""Beam data JSON from Lever-LM's data generation (docs/formats.md §3.2): queries, ICD sequences, scores.
 
 `{"<query_idx>": {"id_list": [[icd_1, ..., icd_k, query_idx], ...], "score_list": [...], ...}}`.
 The keys give the queries and their order; the last id of every sequence is the query itself;
@@ -24,7 +24,6 @@ class BeamData:
     query_ids: list[int]  # keys in file order, as ints
     shot_num: int  # len(id_list entry) - 1
     id_lists: dict[int, list[list[int]]]  # query -> beams, each [icd_1, ..., icd_k, query]
-    score_lists: dict[int, list[float]]  # query -> one score per beam
 
     def icd_sequences(self, query_id: int) -> list[list[int]]:
         """The ICD ids of each beam of a query, in prompt order (the query id stripped)."""
@@ -41,11 +40,10 @@ def load_beam_data(path: str | Path, num_items: int) -> BeamData:
         raise InputError(path, "no queries in the beam data")
     query_ids: list[int] = []
     id_lists: dict[int, list[list[int]]] = {}
-    score_lists: dict[int, list[float]] = {}
     shot_num: int | None = None
     for key, entry in raw.items():
         query_id = _query_id(key, path, num_items)
-        id_list, score_list = _entry(entry, key, path)
+        id_list = _entry(entry, key, path)
         for ids in id_list:
             _check_sequence(ids, query_id, key, path, num_items)
             if shot_num is None:
@@ -56,13 +54,12 @@ def load_beam_data(path: str | Path, num_items: int) -> BeamData:
                 )
         query_ids.append(query_id)
         id_lists[query_id] = id_list
-        score_lists[query_id] = score_list
     assert shot_num is not None
-    return BeamData(path=path, query_ids=query_ids, shot_num=shot_num, id_lists=id_lists, score_lists=score_lists)
+    return BeamData(path=path, query_ids=query_ids, shot_num=shot_num, id_lists=id_lists)
 
 
 def save_beam_data(data: dict, path: str | Path) -> None:
-    """Write a beam data dict (SPEC §3.2 layout) as JSON, atomically."""
+    """Write a beam data dict (docs/formats.md §3.2) as JSON, atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
 
@@ -76,7 +73,8 @@ def _query_id(key: str, path: Path, num_items: int) -> int:
     return query_id
 
 
-def _entry(entry: object, key: str, path: Path) -> tuple[list[list[int]], list[float]]:
+def _entry(entry: object, key: str, path: Path) -> list[list[int]]:
+    """The query's id lists; its scores are checked (one number per beam) but not used here."""
     if not isinstance(entry, dict):
         raise InputError(path, f"query {key}: expected an object with 'id_list' and 'score_list'")
     id_list, score_list = entry.get("id_list"), entry.get("score_list")
@@ -86,7 +84,7 @@ def _entry(entry: object, key: str, path: Path) -> tuple[list[list[int]], list[f
         raise InputError(path, f"query {key}: 'score_list' must be a list of numbers")
     if len(score_list) != len(id_list):
         raise InputError(path, f"query {key}: {len(id_list)} id_list entries but {len(score_list)} scores")
-    return id_list, [float(s) for s in score_list]
+    return id_list
 
 
 def _check_sequence(ids: list, query_id: int, key: str, path: Path, num_items: int) -> None:

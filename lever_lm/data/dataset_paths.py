@@ -1,4 +1,4 @@
-"""Where the training split lives: flags > `--config` > `--dataset` preset + environment (SPEC §2).
+"""Where the training split lives: flags > `--config` > `--dataset` preset + environment (docs/formats.md §2).
 
 Each of the three paths is resolved on its own, so a user can e.g. keep the preset's files but
 point `--train_image_root` elsewhere. The presets are the lineage's: `okvqa_local` and
@@ -131,7 +131,7 @@ def _check_exists(field: str, path: Path, source: str) -> None:
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, with_config: bool = True) -> None:
-    """The data set flags of SPEC §2: --dataset, --train_* paths (and --config)."""
+    """The data set flags of docs/formats.md §2: --dataset, --train_* paths (and --config)."""
     parser.add_argument(
         "--dataset",
         default=DEFAULT_DATASET,

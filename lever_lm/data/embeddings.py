@@ -1,4 +1,4 @@
-"""Embedding files (SPEC §3.3): `torch.save` of a float32 tensor [N, d], row i = training item i.
+"""Embedding files (docs/formats.md §3.3): `torch.save` of a float32 tensor [N, d], row i = training item i.
 
 The pointer model trusts these rows blindly (row i IS item i), so a file made for another split,
 another CLIP, or a crashed export must be refused when it is loaded: wrong N, wrong d between

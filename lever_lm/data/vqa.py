@@ -1,11 +1,11 @@
-"""The VQA data set in the official format: questions + annotations + COCO images (SPEC §3.1).
+"""The VQA data set in the official format: questions + annotations + COCO images (docs/formats.md §3.1).
 
 Row order is the id space of the whole project: items are sorted by `question_id` and item i has
 `idx = i`; beam data keys, embedding rows and output pointers are all such rows of the training
 split. The reader must scale to VQAv2 train (443,757 questions), so it keeps one Python list per
-field (no object per item until one is asked for) and never decodes an image until it is needed;
-decoded images sit in a small LRU cache keyed by `image_id`, because the ICDs of many prompts
-share the same few pictures.
+field (no object per item until one is asked for) and never decodes an image: it only names each
+item's image file (`image_path`); `read_rgb_image` decodes one, for the backends' and the
+embedding export's own caches.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +36,13 @@ class VQAItem:
     image_id: int
     question: str
     answers: tuple[str, ...]  # the raw human answers (10 in VQAv2 / OK-VQA)
-    icd_answer: str  # the answer shown when this item is an ICD (SPEC §3.1)
+    icd_answer: str  # the answer shown when this item is an ICD (docs/formats.md §3.1)
     answer_type: str | None
     question_type: str | None
 
 
 class VQADataset:
-    """Questions joined with their annotations, sorted by `question_id`, with lazily loaded images."""
+    """Questions joined with their annotations, sorted by `question_id`; images named, not loaded."""
 
     def __init__(
         self,
@@ -51,7 +51,6 @@ class VQADataset:
         image_root: Path,
         columns: dict[str, list],
         image_subtype: str,
-        image_cache_size: int = 256,
     ):
         self.questions_path, self.annotations_path, self.image_root = questions_path, annotations_path, image_root
         self.image_subtype = image_subtype
@@ -62,9 +61,6 @@ class VQADataset:
         self._icd_answers: list[str] = columns["icd_answer"]
         self._answer_types: list[str | None] = columns["answer_type"]
         self._question_types: list[str | None] = columns["question_type"]
-        self._row_of_question_id = {qid: row for row, qid in enumerate(self._question_ids)}
-        self._image_cache: OrderedDict[int, Image.Image] = OrderedDict()
-        self._image_cache_size = image_cache_size
 
     @classmethod
     def load(
@@ -72,7 +68,6 @@ class VQADataset:
         questions_path: str | Path,
         annotations_path: str | Path,
         image_root: str | Path,
-        image_cache_size: int = 256,
     ) -> VQADataset:
         """Read and join both files; fail on anything malformed before any image is touched."""
         questions_path, annotations_path, image_root = Path(questions_path), Path(annotations_path), Path(image_root)
@@ -83,7 +78,7 @@ class VQADataset:
         if not image_root.is_dir():
             raise InputError(image_root, "image directory not found")
         columns = _join_columns(questions, questions_path, annotations, annotations_path)
-        return cls(questions_path, annotations_path, image_root, columns, subtype, image_cache_size)
+        return cls(questions_path, annotations_path, image_root, columns, subtype)
 
     def __len__(self) -> int:
         return len(self._question_ids)
@@ -112,31 +107,11 @@ class VQADataset:
         """All image ids in row order (read-only view)."""
         return self._image_ids
 
-    def row_of_question_id(self, question_id: int) -> int:
-        try:
-            return self._row_of_question_id[question_id]
-        except KeyError:
-            raise InputError(self.questions_path, f"question_id {question_id} is not in the data set") from None
-
     def image_path(self, idx: int) -> Path:
         return self.image_path_of_image_id(self._image_ids[idx])
 
     def image_path_of_image_id(self, image_id: int) -> Path:
         return self.image_root / f"COCO_{self.image_subtype}_{image_id:012d}.jpg"
-
-    def load_image(self, idx: int) -> Image.Image:
-        """The item's picture as RGB; recently used pictures come from the cache."""
-        image_id = self._image_ids[idx]
-        cached = self._image_cache.get(image_id)
-        if cached is not None:
-            self._image_cache.move_to_end(image_id)
-            return cached
-        image = read_rgb_image(self.image_path_of_image_id(image_id))
-        if self._image_cache_size > 0:
-            self._image_cache[image_id] = image
-            if len(self._image_cache) > self._image_cache_size:
-                self._image_cache.popitem(last=False)
-        return image
 
 
 def read_rgb_image(path: Path) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Beam data for the demo (SPEC §3.2), made deterministically from the demo data set and embeddings.
+"""Beam data for the demo (docs/formats.md §3.2), made deterministically from the demo data set and embeddings.
 
 Real beam data comes from Lever-LM's data generation: a beam search over ICD sequences scored by
 how much each added ICD raises a large VLM's probability of the right answer. The demo has no such
@@ -98,7 +98,7 @@ def beam_search(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Deterministic demo beam data (SPEC §3.2) from a data set and its embeddings.")
+    parser = argparse.ArgumentParser(description="Deterministic demo beam data (docs/formats.md §3.2) from a data set and its embeddings.")
     add_dataset_arguments(parser)
     parser.add_argument("--emb", type=Path, required=True, help="embeddings of the training split (.pt, [N, d])")
     parser.add_argument("--out", type=Path, required=True, help="beam data JSON to write")

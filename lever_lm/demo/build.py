@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from lever_lm.demo.dataset import Split, build_demo_dataset
-from lever_lm.demo.tiny_models import build_tiny_clip, build_tiny_qwen2_5_vl
+from lever_lm.demo.tiny_models import build_tiny_clip, build_tiny_openflamingo, build_tiny_qwen2_5_vl
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ PROMPT_TEXT = [
 
 
 def build_demo(out: Path, seed: int = 0) -> dict:
-    """Write `out/vqa` (data set) and `out/models/{clip-tiny,qwen2.5-vl-tiny}`; return a summary."""
+    """Write `out/vqa` (data set) and `out/models/{clip-tiny,qwen2.5-vl-tiny,openflamingo-tiny}`; return a summary."""
     vqa_root, models_root = out / "vqa", out / "models"
     for stale in (vqa_root, models_root):
         if stale.exists():
@@ -35,6 +35,7 @@ def build_demo(out: Path, seed: int = 0) -> dict:
     corpus = demo_corpus(vqa_root) + PROMPT_TEXT
     build_tiny_clip(models_root / "clip-tiny", corpus, seed=seed)
     build_tiny_qwen2_5_vl(models_root / "qwen2.5-vl-tiny", corpus, seed=seed)
+    build_tiny_openflamingo(models_root / "openflamingo-tiny", corpus, seed=seed)
     return summary
 
 

@@ -4,7 +4,7 @@ Each picture shows one to four shapes of one kind and one colour on a plain back
 question has an answer that can be read off the image: the colour, the shape, the count, or the
 side the shapes sit on. Ten simulated annotators answer each question the way real VQA annotators
 do: mostly agreeing, sometimes writing "two" for "2", adding an article or a full stop, and on some
-questions only three of ten agreeing. Files follow SPEC §3.1 (COCO file names, official JSON keys),
+questions only three of ten agreeing. Files follow docs/formats.md §3.1 (COCO file names, official JSON keys),
 so the demo goes through exactly the readers that load OK-VQA and VQAv2.
 """
 
@@ -213,7 +213,7 @@ def surface_form(rng: random.Random, answer: str, answer_type: str) -> str:
 
 
 def most_common(answers: list[str]) -> str:
-    """The most frequent answer; ties go to the first occurrence (SPEC §3.1)."""
+    """The most frequent answer; ties go to the first occurrence (docs/formats.md §3.1)."""
     counts: dict[str, int] = {}
     for a in answers:
         counts[a] = counts.get(a, 0) + 1

@@ -1,10 +1,11 @@
-"""Tiny CLIP and Qwen2.5-VL models for the embedded default, saved as standard Hugging Face dirs.
+"""Tiny CLIP, Qwen2.5-VL and OpenFlamingo models for the embedded default, in the layouts real models come in.
 
 The real pipeline loads `openai/clip-vit-base-patch32` and `Qwen/Qwen2.5-VL-3B-Instruct` from local
 directories with `from_pretrained(..., local_files_only=True)`. The demo builds the same
 architectures at toy size (random weights, a tokenizer trained on the demo text, the Qwen2-VL chat
 template) and writes them in the same layout, so the very same loading and generation code runs on
-them in seconds on a CPU.
+them in seconds on a CPU. The tiny OpenFlamingo is written in the layout `--vqa_model flamingo_3B`
+reads (`checkpoint.pt` in the official key names, an MPT `lang_encoder/`, a CLIP `vision_encoder/`).
 """
 
 from __future__ import annotations
@@ -58,17 +59,46 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The tiny OpenFlamingo: MPT width 32, 2 layers; CLIP vision width 32 on 32x32 images (16 patches of 8).
+TINY_FLAMINGO_MPT = {
+    "model_type": "mosaic_gpt",
+    "d_model": 32,
+    "n_heads": 2,
+    "n_layers": 2,
+    "mlp_ratio": 4,
+    "max_seq_len": 2048,
+    "alibi": True,
+    "alibi_bias_max": 8,
+    "attn_qk_ln": True,
+    "no_bias": True,
+    "prefix_lm": False,
+    "attn_uses_sequence_id": False,
+}
+GPT_NEOX_SPECIAL_TOKENS = ["<|endoftext|>"]
+
 # Each image becomes a 56x56 input: 4x4 patches of 14 pixels, merged 2x2 into 4 LLM tokens.
 TINY_QWEN_IMAGE_PIXELS = 56 * 56
 TINY_CLIP_IMAGE_SIZE = 32
 
 
-def build_tiny_qwen2_5_vl(out_dir: Path, corpus: Iterable[str], seed: int = 0) -> Path:
-    """Write a tiny Qwen2.5-VL (random weights) with tokenizer, image processor and chat template."""
+def build_qwen_tokenizer(corpus: Iterable[str], vocab_size: int = 600, fill_to: int | None = None) -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer (Qwen's pre-tokenizer and special tokens) with a BPE vocabulary trained on `corpus`.
+
+    `fill_to` appends placeholder words (" w<id>", never produced by encoding: no merge leads to
+    them) up to that many ids, so that every id a model with that vocabulary emits decodes to text.
+    """
     splitter = Qwen2Tokenizer().backend_tokenizer
-    vocab, merges = train_bpe(corpus, vocab_size=600, special_tokens=QWEN_SPECIAL_TOKENS, splitter=splitter)
+    vocab, merges = train_bpe(corpus, vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, splitter=splitter)
+    for i in range(len(vocab), fill_to or 0):
+        vocab[f"\u0120w{i}"] = i  # "\u0120" is byte-level BPE's space
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    return tokenizer
+
+
+def build_tiny_qwen2_5_vl(out_dir: Path, corpus: Iterable[str], seed: int = 0) -> Path:
+    """Write a tiny Qwen2.5-VL (random weights) with tokenizer, image processor and chat template."""
+    tokenizer = build_qwen_tokenizer(corpus)
     token_id = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -163,3 +193,64 @@ def _normalise_json_files(out_dir: Path) -> None:
     for path in sorted(out_dir.glob("*.json")):
         obj = json.loads(path.read_text(encoding="utf-8"))
         path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def build_tiny_openflamingo(out_dir: Path, corpus: Iterable[str], seed: int = 0) -> Path:
+    """Write a tiny OpenFlamingo (random weights) as `checkpoint.pt`, `lang_encoder/`, `vision_encoder/`."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast
+
+    from lever_lm.vqa.flamingo.loading import CHECKPOINT, LANG_DIR, VISION_DIR, load_tokenizer, official_state_dicts
+    from lever_lm.vqa.flamingo.model import OpenFlamingo
+    from lever_lm.vqa.flamingo.mpt import MPTConfig
+
+    splitter = Tokenizer(models.BPE())
+    splitter.normalizer = normalizers.NFC()
+    splitter.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab, merges = train_bpe(corpus, vocab_size=600, special_tokens=GPT_NEOX_SPECIAL_TOKENS, splitter=splitter)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.normalizer, backend.pre_tokenizer = splitter.normalizer, splitter.pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    eos = GPT_NEOX_SPECIAL_TOKENS[0]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eos, eos_token=eos, unk_token=eos)
+    lang_dir, vision_dir = out_dir / LANG_DIR, out_dir / VISION_DIR
+    lang_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(lang_dir)
+    mpt_settings = {**TINY_FLAMINGO_MPT, "vocab_size": len(vocab) + 8}  # MPT-1B too has more rows than tokens
+    (lang_dir / "config.json").write_text(json.dumps(mpt_settings), encoding="utf-8")
+
+    torch.manual_seed(seed)
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TINY_CLIP_IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+    )
+    vision = CLIPVisionModel(vision_config).eval()
+    full_tokenizer = load_tokenizer(lang_dir)  # with OpenFlamingo's 3 added tokens
+    model = OpenFlamingo(
+        vision,
+        MPTConfig.from_json(lang_dir / "config.json"),
+        vocab_rows=len(full_tokenizer),
+        media_token_id=full_tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    with torch.no_grad():  # the original's zero gates and latents would leave the images unused
+        model.perceiver.latents.normal_()
+        model.lang_model.transformer["ln_f"].weight.normal_()  # else tied embeddings echo the last token
+        for block in model.cross_attn:
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(0.5)
+    checkpoint, mpt_weights = official_state_dicts(model)
+    rows = mpt_settings["vocab_size"] - mpt_weights["transformer.wte.weight"].shape[0]
+    mpt_weights["transformer.wte.weight"] = torch.cat([mpt_weights["transformer.wte.weight"], torch.zeros(rows, 32)])
+    torch.save({key: value.contiguous() for key, value in checkpoint.items()}, out_dir / CHECKPOINT)
+    save_file({key: value.contiguous() for key, value in mpt_weights.items()}, lang_dir / "model.safetensors")
+    vision.save_pretrained(vision_dir)
+    _normalise_json_files(lang_dir)
+    _normalise_json_files(vision_dir)
+    return out_dir

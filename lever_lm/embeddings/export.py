@@ -1,4 +1,4 @@
-"""CLIP embeddings of the training split (SPEC §3.3): the rows the pointer network reads.
+"""CLIP embeddings of the training split (docs/formats.md §3.3): the rows the pointer network reads.
 
 Row i = item i (sorted by question_id) = normalize((normalize(image_emb) + normalize(text_emb)) / 2),
 with the CLIP image embedding of the item's picture and the CLIP text embedding of its question.
@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
-from transformers import AutoConfig, CLIPModel
+from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-from lever_lm.errors import short_error
 from lever_lm.data.vqa import VQADataset, read_rgb_image
-from lever_lm.errors import InputError
-from lever_lm.vqa.backends.processor import load_processor
+from lever_lm.errors import InputError, short_error
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -57,7 +55,7 @@ def export_embeddings(
 
 
 def combine(image_emb: Tensor, text_emb: Tensor) -> Tensor:
-    """SPEC §3.3: L2-normalise each, average, L2-normalise again."""
+    """docs/formats.md §3.3: L2-normalise each, average, L2-normalise again."""
     mean = (F.normalize(image_emb, dim=-1) + F.normalize(text_emb, dim=-1)) / 2
     return F.normalize(mean, dim=-1).to(torch.float32).contiguous()
 
@@ -71,7 +69,7 @@ def load_clip(model_dir: str | Path, device: str):
         if config.model_type != "clip":
             raise InputError(model_dir, f"is a {config.model_type!r} model, not CLIP")
         model = CLIPModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-        processor = load_processor(model_dir)
+        processor = load_clip_processor(model_dir)
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001 - transformers/hub raise many types for an unusable directory
@@ -81,6 +79,14 @@ def load_clip(model_dir: str | Path, device: str):
     except (RuntimeError, AssertionError) as error:
         raise InputError(None, f"cannot use device {device!r}: {short_error(error)}") from None
     return model, processor
+
+
+def load_clip_processor(model_dir: str | Path) -> CLIPProcessor:
+    """The directory's tokenizer with the PIL CLIP image processor -- always the PIL one, so that the
+    embeddings (hence the pointer's proposals) do not depend on whether torchvision is installed."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    image_processor = CLIPImageProcessorPil.from_pretrained(model_dir, local_files_only=True)
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def _looks_like_a_path(model_dir: str | Path) -> bool:

@@ -9,7 +9,8 @@ queries (blocks are also the unit of sharding and of the Ray engine's scheduling
 2. lays the block's candidates out in one flat list (query by query) and cuts it into chunks of
    the backend's batch size -- always from the block's first candidate, so every chunk holds the
    same prompts, in the same order, with the same batch-mates and padding as in a fresh run;
-3. sends to the VQA backend only the chunks that hold a query still to do; a chunk that straddles
+3. lets the backend prepare the images of those chunks ahead (`prefetch`), then sends to the VQA
+   backend only the chunks that hold a query still to do; a chunk that straddles
    done and to-do queries runs in full and the done queries' answers are dropped. On a GPU in
    bf16 an answer can depend on its batch-mates, so this is what makes a resumed run write the
    answers an uninterrupted run writes;
@@ -85,14 +86,17 @@ class BlockScorer:
     def score(self, proposals: list[QueryProposals], todo: set[int]) -> Iterator[QueryResult]:
         """Score the block's candidates chunk by chunk (chunks cut from the whole block)."""
         flat = [(i, j, c) for i, p in enumerate(proposals) for j, c in enumerate(p.candidates)]
+        size = self.backend.batch_size
+        chunks = [flat[start : start + size] for start in range(0, len(flat), size)]
+        prompts = [self._prompts(proposals, chunk) if self._holds_work(proposals, chunk, todo) else None for chunk in chunks]
+        self.backend.prefetch([p for chunk_prompts in prompts if chunk_prompts for p in chunk_prompts])
         generations: list[list[Generation | None]] = [[None] * len(p.candidates) for p in proposals]
         remaining = [len(p.candidates) for p in proposals]
-        size = self.backend.batch_size
         next_to_yield = 0
-        for start in range(0, len(flat), size):
-            chunk = flat[start : start + size]
-            if any(proposals[i].query_idx in todo for i, _, _ in chunk):
-                self._generate(proposals, chunk, generations)
+        for chunk, chunk_prompts in zip(chunks, prompts):
+            if chunk_prompts is not None:
+                for (i, j, _), generation in zip(chunk, self.backend.generate(chunk_prompts), strict=True):
+                    generations[i][j] = generation
             for i, _, _ in chunk:
                 remaining[i] -= 1
             while next_to_yield < len(proposals) and remaining[next_to_yield] == 0:
@@ -103,11 +107,12 @@ class BlockScorer:
             if p.query_idx in todo:
                 yield self._result(p, g)
 
-    def _generate(self, proposals: list[QueryProposals], chunk: list[tuple[int, int, Candidate]], generations) -> None:
-        dataset = self.inputs.dataset
-        prompts = [build_prompt(dataset, proposals[i].query_idx, c.pointer) for i, _, c in chunk]
-        for (i, j, _), generation in zip(chunk, self.backend.generate(prompts), strict=True):
-            generations[i][j] = generation
+    @staticmethod
+    def _holds_work(proposals: list[QueryProposals], chunk: list[tuple[int, int, Candidate]], todo: set[int]) -> bool:
+        return any(proposals[i].query_idx in todo for i, _, _ in chunk)
+
+    def _prompts(self, proposals: list[QueryProposals], chunk: list[tuple[int, int, Candidate]]) -> list:
+        return [build_prompt(self.inputs.dataset, proposals[i].query_idx, c.pointer) for i, _, c in chunk]
 
     def _result(self, proposals: QueryProposals, generations: list[Generation | None]) -> QueryResult:
         query_idx = proposals.query_idx

@@ -7,7 +7,8 @@
 Defaults come from `GenerationRequest` and `ProposalSettings`, so they are stated once. Every
 way a run can stop is one line on stderr and a non-zero exit, never a traceback: a bad input
 (exit 2), a full disk or unwritable output (exit 2; the journal keeps every finished query),
-Ctrl-C (130) or SIGTERM (143), both saying how far the journal got and that a rerun resumes.
+Ctrl-C (130) or SIGTERM (143), both saying how far the journal got and that a rerun resumes, and
+a failure of the machine -- an accelerator error, whole batches failing -- (3).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lever_lm.rl.blocks import PROPOSAL_BLOCK
 from lever_lm.rl.generate import run_generation
 from lever_lm.rl.request import ENGINES, GenerationRequest
 from lever_lm.vqa.backends import available_backends
+from lever_lm.vqa.backends.base import GenerationAborted
 from lever_lm.vqa.metric import MODES
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 REQUEST = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
 PROPOSAL = ProposalSettings()
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_ABORTED = 3  # the machine failed (an accelerator error, whole batches failing): fix it, then rerun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +92,7 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
     more.add_argument("--exclude_same_image", action="store_true", help="never propose items that share the query's image")
     more.add_argument("--seed", type=int, default=PROPOSAL.seed, help="random seed (per query: seed and query id)")
     more.add_argument("--eval_mode", choices=MODES, default=REQUEST["eval_mode"], help="VQA accuracy normalisation")
-    more.add_argument("--batch_size", type=int, help="prompts per VQA generate call (default: the model's, 16)")
+    more.add_argument("--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory; 16 on CPU)")
     more.add_argument("--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards")
     more.add_argument("--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole proposal blocks)")
     more.add_argument("--merge", action="store_true", help="combine the journals of shards 0..num_shards-1 into --output_path")
@@ -186,6 +189,9 @@ def _one_line_stops(args: argparse.Namespace) -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
+    except GenerationAborted as error:
+        print(f"error: stopped: {error}; {_progress_note(args)}; a rerun resumes", file=sys.stderr)
+        raise SystemExit(EXIT_ABORTED) from None
     except KeyboardInterrupt as interrupt:
         signum = interrupt.args[0] if interrupt.args else signal.SIGINT
         print(f"\ninterrupted: {_progress_note(args)}; rerun the same command to resume", file=sys.stderr)

@@ -23,6 +23,11 @@ FILE` drops the bad lines (their queries are recomputed), or delete the journal.
 
 A journal is opened under an exclusive, non-blocking `flock` on `<journal>.lock`: a second writer is
 refused, and the lock dies with its process (nothing stale to clean up after a crash).
+
+Lines are read and written with the standard `json` module rather than the `jsonlines` package:
+the journal needs the byte offset of each line (the final JSON copies entries by offset), a
+checksum of the exact bytes written, torn-tail detection and an fsync per line, none of which
+`jsonlines` offers; it would only wrap the same `json.dumps`/`json.loads` calls.
 """
 
 from __future__ import annotations

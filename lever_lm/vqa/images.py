@@ -8,12 +8,17 @@ path, in an LRU cache bounded in bytes (vision features of a 3B model are ~1.6 M
 
 An unreadable image is remembered too: every prompt that shows it fails at once with the same
 reason, without touching the disk again.
+
+A backend may also fill the cache ahead of use (`missing`, `put`, `remember_unreadable`: its
+prefetch reads and processes a block's images in threads), and shrink it when the device runs out
+of memory (`shrink`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -39,7 +44,10 @@ def read_rgb(path: Path) -> Image.Image:
 
 
 def nbytes(value: object) -> int:
-    """Approximate memory of a cached value: tensors (possibly nested in tuples/dicts) or a PIL image."""
+    """Approximate memory of a cached value: tensors (possibly nested in tuples, dicts or dataclasses)
+    or a PIL image."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
     if isinstance(value, torch.Tensor):
         return value.element_size() * value.nelement()
     if isinstance(value, Image.Image):
@@ -89,6 +97,38 @@ class ImageCache(Generic[T]):
         self._store(path, value)
         return value
 
+    def missing(self, paths: Iterable[Path]) -> list[Path]:
+        """The distinct paths, in first-use order, that are neither cached nor known to be unreadable."""
+        seen: dict[Path, None] = {}
+        for path in map(Path, paths):
+            if path not in self._entries and path not in self._failures:
+                seen.setdefault(path, None)
+        return list(seen)
+
+    def read(self, path: Path) -> Image.Image:
+        """The decoded image (no caching, no counters; thread-safe): for a prefetch."""
+        return self._read(Path(path))
+
+    def put(self, path: Path, value: T) -> None:
+        """Keep a value prepared ahead of use (LRU rules as for `get`)."""
+        path = Path(path)
+        if path in self._entries:
+            return
+        self._store(path, value)
+
+    def remember_unreadable(self, path: Path, reason: str) -> None:
+        self._failures[Path(path)] = reason
+
+    def shrink(self) -> None:
+        """Halve the budget and evict down to it: after the device ran out of memory."""
+        self.max_bytes //= 2
+        self._evict()
+
+    @property
+    def hit_rate(self) -> float | None:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else None
+
     def clear(self) -> None:
         """Forget every entry and failure (counters too), e.g. between benchmark repeats."""
         self._entries.clear()
@@ -107,6 +147,9 @@ class ImageCache(Generic[T]):
             return  # larger than the whole budget: use once, keep nothing
         self._entries[path] = (value, size)
         self.bytes += size
+        self._evict()
+
+    def _evict(self) -> None:
         while self.bytes > self.max_bytes:
             _, (_, evicted) = self._entries.popitem(last=False)
             self.bytes -= evicted

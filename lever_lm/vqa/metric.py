@@ -2,7 +2,7 @@
 
     python -m lever_lm.vqa.metric --questions Q.json --annotations A.json --results R.json [--mode always|official]
 
-`acc = mean over the n human answers i of min(1, #{j != i : answer_j == prediction} / 3)` (SPEC §5),
+`acc = mean over the n human answers i of min(1, #{j != i : answer_j == prediction} / 3)` (docs/formats.md §5),
 so with 10 answers the possible values are 0, 0.3, 0.6, 0.9 and 1.0.
 
 Two modes decide *when* answers are normalised (the normalisation itself is the official one:
@@ -165,7 +165,7 @@ def score_prediction(prediction: str, prepared: PreparedAnswers) -> float:
 
 
 def vqa_accuracy(prediction: str, gt_answers: list[str], mode: str = "always") -> float:
-    """The VQA accuracy of `prediction` against the human answers (SPEC §5); see the module doc."""
+    """The VQA accuracy of `prediction` against the human answers (docs/formats.md §5); see the module doc."""
     return score_prediction(prediction, prepare_answers(gt_answers, mode))
 
 

@@ -14,14 +14,20 @@ optional; unknown keys are an error, to catch typos):
         num_beams: 3
         length_penalty: 0.0
         do_sample: false
-      batch_size: 16                         # prompts per generate call (the generator's --batch_size flag wins)
-      image_cache_mb: 1024                   # per-image cache budget: Qwen2.5-VL keeps vision features on the
+      batch_size: null                       # prompts per generate call (the generator's --batch_size flag wins);
+                                             #   null = from the GPU's free memory (16 to 64), 16 off CUDA
+      image_cache_mb: null                   # per-image cache budget: Qwen2.5-VL keeps vision features on the
                                              #   model's device (~1.6 MB per COCO image for the 3B model); the
-                                             #   generic backend keeps decoded images (0 = keep nothing)
+                                             #   generic backend keeps decoded images (0 = keep nothing);
+                                             #   null = 35% of the GPU's free memory, 1024 off CUDA
+      prefetch_threads: 4                    # threads that read and process a block's images ahead of use
       processor_kwargs: {}                   # extra image-processor arguments, e.g. for Qwen2.5-VL
                                              #   {size: {shortest_edge: 3136, longest_edge: 1003520}} (min/max pixels)
-      dtype: null                            # null = bfloat16 on CUDA, float32 on CPU; or "float16", ...
+      dtype: null                            # null = bfloat16 on a CUDA device with native bf16, float16 on an
+                                             #   older one, float32 on CPU; or "float32", ...
       attn_implementation: null              # null = transformers' default (sdpa); or "flash_attention_2", ...
+      vision_attn_implementation: null       # the vision tower's alone, e.g. "flash_attention_2" (one call per
+                                             #   layer instead of one per window); null = as attn_implementation
 
 Precedence: explicit arguments (command-line flags) > the config section > the family defaults.
 """
@@ -53,10 +59,11 @@ FLAMINGO_TEMPLATE = PromptTemplate(
     icd_template="Question:{question} Short answer:{answer}<|endofchunk|>",
     query_template="Question:{question} Short answer:",
 )
-# SPEC §5: 3 beams, 5 new tokens, no length penalty, no sampling.
+# docs/formats.md §5: 3 beams, 5 new tokens, no length penalty, no sampling.
 DEFAULT_GENERATION = {"max_new_tokens": 5, "num_beams": 3, "length_penalty": 0.0, "do_sample": False}
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_IMAGE_CACHE_MB = 1024
+DEFAULT_PREFETCH_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,13 @@ class VQAModelSettings:
     prompt: PromptTemplate
     generation: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_GENERATION))
     path: str | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    image_cache_mb: int = DEFAULT_IMAGE_CACHE_MB
+    batch_size: int | None = None  # None: decided by the backend (`backends.memory`)
+    image_cache_mb: int | None = None  # likewise
+    prefetch_threads: int = DEFAULT_PREFETCH_THREADS
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     attn_implementation: str | None = None
+    vision_attn_implementation: str | None = None
 
 
 FAMILY_DEFAULTS = {
@@ -85,9 +94,11 @@ KEYS = (
     "generation",
     "batch_size",
     "image_cache_mb",
+    "prefetch_threads",
     "processor_kwargs",
     "dtype",
     "attn_implementation",
+    "vision_attn_implementation",
 )
 
 
@@ -114,13 +125,16 @@ def resolve_settings(
         updates["generation"] = {**settings.generation, **_generation(section["generation"])}
     if "path" in section:
         updates["path"] = _optional_str(section, "path")
-    if "batch_size" in section:
+    if section.get("batch_size") is not None:
         updates["batch_size"] = _positive_int(section["batch_size"], f"config '{SECTION}.batch_size'")
-    if "image_cache_mb" in section:
+    if section.get("image_cache_mb") is not None:
         updates["image_cache_mb"] = _non_negative_int(section["image_cache_mb"], f"config '{SECTION}.image_cache_mb'")
+    if "prefetch_threads" in section:
+        where = f"config '{SECTION}.prefetch_threads'"
+        updates["prefetch_threads"] = _non_negative_int(section["prefetch_threads"], where)
     if "processor_kwargs" in section:
         updates["processor_kwargs"] = _mapping(section["processor_kwargs"], f"{SECTION}.processor_kwargs")
-    for key in ("dtype", "attn_implementation"):
+    for key in ("dtype", "attn_implementation", "vision_attn_implementation"):
         if key in section:
             updates[key] = _optional_str(section, key)
     if model_path is not None:
@@ -151,7 +165,7 @@ def _template(section: dict, key: str, needs_answer: bool) -> str:
 
 
 def _generation(value: Any) -> dict[str, Any]:
-    """Validated `generate` keyword arguments: the SPEC's four by type, others by name."""
+    """Validated `generate` keyword arguments: the four of docs/formats.md §5 by type, others by name."""
     from transformers import GenerationConfig
 
     where = f"{SECTION}.generation"

@@ -1,4 +1,4 @@
-"""Post-processing of a VQA generation into the answer that gets scored (SPEC §5).
+"""Post-processing of a VQA generation into the answer that gets scored (docs/formats.md §5).
 
 A few-shot prompt invites the model to go on after its answer with the next
 `Question:... Short answer:...` block, or to list alternatives; both would spoil an exact-match

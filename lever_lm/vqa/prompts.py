@@ -1,4 +1,4 @@
-"""Few-shot VQA prompts: what a candidate ICD sequence becomes before the VQA model sees it (SPEC §5).
+"""Few-shot VQA prompts: what a candidate ICD sequence becomes before the VQA model sees it (docs/formats.md §5).
 
 A `FewShotPrompt` is model-neutral: the ICDs (image, question, answer) in prompt order, then the
 query (image, question). A model family renders it with a `PromptTemplate`:

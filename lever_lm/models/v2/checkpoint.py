@@ -1,4 +1,4 @@
-"""Load and save PointerSelectorV2 weights in the Lightning `.ckpt` layout of Lever-LM (SPEC §3.4).
+"""Load and save PointerSelectorV2 weights in the Lightning `.ckpt` layout of Lever-LM (docs/formats.md §3.4).
 
 A Lever-LM SFT checkpoint is `{"state_dict": {...}, "hyper_parameters": {...}, "epoch", ...}`;
 the pointer's weights sit under `lever_lm.pointer_selector.`, the frozen CLIP towers beside them
@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lever_lm.errors import short_error
+from lever_lm.errors import InputError, short_error
 from lever_lm.io import atomic_torch_save
-from lever_lm.errors import InputError
 from lever_lm.models.v2.pointer_selector import PointerSelectorV2
 
 log = logging.getLogger(__name__)
@@ -97,25 +96,29 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def _torch_load(path: Path):
-    """`torch.load` that copes with Lightning's hyper_parameters (may pickle e.g. OmegaConf objects).
+    """`torch.load` that never runs code from the file, yet reads Lightning's pickled metadata.
 
-    Weights-only loading is tried first. If the file pickles other objects, it is loaded again with
-    classes that cannot be imported here replaced by inert stand-ins: only tensors are used.
+    Weights-only loading is tried first. A Lightning checkpoint's `hyper_parameters` may pickle
+    other objects (OmegaConf or Hydra configs, paths, ...), which the weights-only loader refuses.
+    Then the file is read again by `_InertUnpickler`: torch's own allowlist of tensor-rebuilding
+    functions and plain containers resolves as usual, and EVERY other global -- importable or not,
+    `os.system` included -- becomes an inert stand-in that only records its arguments. So a crafted
+    checkpoint can do nothing but fail to hold pointer weights; only tensors are used.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises KeyError, EOFError, ... on a non-torch file
         if not (isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)):
             raise InputError(path, f"not a checkpoint (torch.load failed: {short_error(error)})") from None
-    log.warning("%s: checkpoint pickles Python objects besides tensors; loading it as a trusted file", path)
+    log.info("%s: checkpoint metadata pickles other objects; reading them as inert stand-ins", path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle)
     except Exception as error:  # noqa: BLE001 - any failure here means "cannot read this file"
         raise InputError(path, f"not a checkpoint (torch.load failed: {short_error(error)})") from None
 
 
-class _StandIn:
-    """Takes the place of a pickled class that cannot be imported; keeps its state, does nothing."""
+class InertObject:
+    """Takes the place of any pickled global outside the allowlist; records what it was given, runs nothing."""
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
@@ -124,16 +127,31 @@ class _StandIn:
         self.state = state
 
 
-class _LenientUnpickler(pickle.Unpickler):
+def _allowed_globals() -> dict:
+    """torch's own allowlist for weights-only loading: tensor rebuilds, storages, dtypes, containers."""
+    from torch import _weights_only_unpickler
+
+    return dict(_weights_only_unpickler._get_allowed_globals())
+
+
+class _InertUnpickler(pickle.Unpickler):
+    _allowed: dict | None = None
+
     def find_class(self, module: str, name: str):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_StandIn,), {"__module__": module})
+        if _InertUnpickler._allowed is None:
+            _InertUnpickler._allowed = _allowed_globals()
+        allowed = _InertUnpickler._allowed.get(f"{module}.{name}")
+        if allowed is not None:
+            return allowed
+        return type(name, (InertObject,), {"__module__": module, "__qualname__": name})
 
 
-_lenient_pickle = types.SimpleNamespace(Unpickler=_LenientUnpickler, load=pickle.load, __name__="lenient_pickle")
+def _inert_load(file, **kwargs):
+    return _InertUnpickler(file, **kwargs).load()
 
+
+# What torch.load calls: the Unpickler (current format) and load (legacy format), both inert.
+_inert_pickle = types.SimpleNamespace(Unpickler=_InertUnpickler, load=_inert_load, __name__="inert_pickle")
 
 
 def _rename_old_keys(weights: dict[str, Tensor], path: Path) -> dict[str, Tensor]:

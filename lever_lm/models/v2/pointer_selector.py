@@ -1,4 +1,4 @@
-"""PointerSelectorV2: the SFT pointer network that proposes ICD sequences (SPEC §3.4).
+"""PointerSelectorV2: the SFT pointer network that proposes ICD sequences (docs/formats.md §3.4).
 
 For a query vector q [d] and a pool C [K, d]:
   1. project q and every candidate with `input_proj` (identity when d == h);

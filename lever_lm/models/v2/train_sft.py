@@ -89,7 +89,7 @@ def train_pointer_sft(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the v2 pointer on beam data (teacher forcing); write a .ckpt.")
-    parser.add_argument("--beam_data", type=Path, required=True, help="beam data JSON (SPEC §3.2)")
+    parser.add_argument("--beam_data", type=Path, required=True, help="beam data JSON (docs/formats.md §3.2)")
     parser.add_argument("--emb", type=Path, required=True, help="embeddings of the training split (.pt, [N, d]): the pool")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (Lightning layout)")
     parser.add_argument("--hidden_dim", type=int, default=256, help="hidden size h (default: 256)")

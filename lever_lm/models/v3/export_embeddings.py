@@ -1,4 +1,4 @@
-"""Export the CLIP embeddings of the training split (SPEC §3.3): query and candidate .pt files.
+"""Export the CLIP embeddings of the training split (docs/formats.md §3.3): query and candidate .pt files.
 
     python -m lever_lm.models.v3.export_embeddings --clip_model <dir> --output_dir <dir> \
         [--train_ques_path Q --train_ann_path A --train_image_root I | --config C | --dataset okvqa_local]

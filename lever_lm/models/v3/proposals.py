@@ -1,4 +1,4 @@
-"""Candidate ICD sequences for each query: beam search, temperature samples, random, retrieval (SPEC §4).
+"""Candidate ICD sequences for each query: beam search, temperature samples, random, retrieval (docs/formats.md §4).
 
 For a query the SFT pointer (PointerSelectorV2) defines, step by step, a distribution over the
 pool; a candidate is an ordered sequence of `shot_num` distinct pool rows (global training-row
@@ -79,7 +79,7 @@ MIN_TEMPERATURE = 1e-4
 
 @dataclass(frozen=True)
 class ProposalSettings:
-    """How many candidates of each kind to propose per query (SPEC §4); validated on creation."""
+    """How many candidates of each kind to propose per query (docs/formats.md §4); validated on creation."""
 
     shot_num: int = 2
     num_beams: int = 5
@@ -218,7 +218,7 @@ class _Samples:
 class Proposer:
     """Proposes candidates for queries of one pool; the pool is encoded once, here.
 
-    `query_emb` [N, d] / `cand_emb` [K, d]: the embeddings (SPEC §3.3); a query id is a training
+    `query_emb` [N, d] / `cand_emb` [K, d]: the embeddings (docs/formats.md §3.3); a query id is a training
     row, used both as a row of `query_emb` and as the pool row it must never propose.
     `image_ids` [K]: image id of each pool row, needed by `exclude_same_image`. The model is moved
     to `device` and put in eval mode. `query_batch_size` queries share each pass over the pool

@@ -4,7 +4,7 @@
 |-------------------------|------------------------------------------------------------------------|
 | `qwen2.5_vl_3B`         | Qwen/Qwen2.5-VL-3B-Instruct (or any Qwen2.5-VL dir); per-image work cached |
 | `hf_image_text_to_text` | any chat VLM loadable with AutoModelForImageTextToText (needs a path)  |
-| `flamingo_3B`           | OpenFlamingo-3B: not runnable with transformers 5, fails with the reason |
+| `flamingo_3B`           | OpenFlamingo-3B (CLIP ViT-L/14 + MPT-1B), the project's own port       |
 
 Modules are imported on use, so listing the names (e.g. for `--help`) loads no model code.
 Every backend module offers `load(...)` -> a `base.VQABackend` (`batch_size`, `generate(prompts)`)

@@ -4,21 +4,35 @@
 
 Each prompt becomes the chat of `prompts.chat_messages`, rendered by the model's own chat
 template; a batch of prompts goes through the processor with left padding and one
-`model.generate` call with the configured decoding (SPEC §5: 3 beams, 5 new tokens). Decoding
+`model.generate` call with the configured decoding (docs/formats.md §5). Decoding
 settings not given in the config come from the model's `generation_config.json`, as with any
 `generate` call. Decoded images are cached per path (`images.ImageCache`); the processor resizes
 and normalises them per batch, since how to split a batch's processed pixels back per image differs
 between model families -- `qwen2_5_vl` caches the finished per-image work for its family.
 
-This class is also the base of the Qwen2.5-VL backend, which overrides only how a batch is
-encoded (`_prepare_image`, `_encode`).
+The chat is rendered and tokenised by `chat_encoding.ChatEncoder`, so the text of a control token
+inside a question, answer, template or system prompt is plain text, never the token.
+
+Asked for replies (`generate(prompts, replies)`), the backend also gives each prompt the
+teacher-forced log-probability of each reply (`reply_likelihood`). Generation runs exactly as
+without replies, so the answers are the same; then the prompts' part of the KV cache generation
+leaves (every beam row of a prompt holds the same prompt) is cut back to each prompt but its last
+token, and all the batch's replies are scored as one batch of continuations from it. The prompts
+are read once, by generation, and the likelihoods cost only the replies' own tokens.
+
+This class is also the base of the Qwen2.5-VL backend, which overrides how a batch is encoded
+(`_prepare_image`, `_encode`) and turns `share_prefill` on.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +41,20 @@ import torch
 
 from lever_lm.errors import InputError
 from lever_lm.vqa.backends.base import (
+    BatchRunner,
+    DeviceOutOfMemory,
+    Failed,
     Generation,
+    GenerationAborted,
+    bind_device,
     default_dtype,
-    failure_reason,
+    describe_numerics,
     resolve_device,
-    run_with_retry,
 )
-from lever_lm.vqa.images import ImageCache, UnreadableImage
+from lever_lm.vqa.backends.chat_encoding import ChatEncoder
+from lever_lm.vqa.backends.memory import resolve_memory_settings
+from lever_lm.vqa.backends.reply_likelihood import TEXT_KEYS, prompt_cache, reply_logprobs
+from lever_lm.vqa.images import ImageCache, UnreadableImage, nbytes
 from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
 from lever_lm.vqa.prompts import FewShotPrompt, chat_messages
 
@@ -44,20 +65,61 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A prompt ready to batch: its chat rendered to text, and its images as the cache holds them."""
+    """A prompt ready to batch: its chat rendered to text, its images as the cache holds them, and the
+    tokens of each reply to score (its tokens and the end-of-turn token; None: no replies asked)."""
 
-    text: str
+    text: str  # control-token text inside the user's strings escaped (chat_encoding)
     images: tuple[Any, ...]
+    reply_tokens: tuple[tuple[int, ...], ...] | None = None
+
+
+PREFETCH_CACHE_SHARE = 0.9  # a prefetch fills the cache up to this share, leaving room for generate's misses
+
+
+@dataclass
+class WorkTimes:
+    """Where a block's time went, for the log: host-side image work (read, decode, processor;
+    CPU-seconds summed over the prefetch threads), the vision tower, and the generate calls."""
+
+    prompts: int = 0
+    images: int = 0  # through the vision tower
+    prefetched: int = 0
+    prepare_s: float = 0.0
+    tower_s: float = 0.0
+    generate_s: float = 0.0
+    prefetch_s: float = 0.0  # wall time of the prefetch calls
+
+    def report(self, cache: ImageCache) -> str:
+        rate = cache.hit_rate
+        return (
+            f"{self.prompts} prompts: image cache {len(cache)} images, {cache.bytes / 2**20:.0f} of "
+            f"{cache.max_bytes / 2**20:.0f} MB, hit rate {'-' if rate is None else f'{rate:.0%}'}; "
+            f"{self.images} images through the tower ({self.prefetched} ahead of use); "
+            f"prepare {self.prepare_s:.1f} s (CPU), tower {self.tower_s:.1f} s, generate {self.generate_s:.1f} s"
+        )
+
+
+def _run_ahead(pool: ThreadPoolExecutor, work: Callable, items: Sequence, depth: int) -> Iterator[Future]:
+    """`pool.submit(work, item)` for each item, in order, at most `depth` running ahead of the consumer."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(work, item))
+        if len(pending) > depth:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
 
 
 class ImageTextToTextBackend:
     """Batched few-shot VQA with a Hugging Face chat VLM (see the module doc)."""
 
+    share_prefill = False  # beam search from one prefill per prompt (see the Qwen2.5-VL backend)
+
     def __init__(self, name: str, model, processor, settings: VQAModelSettings, device: torch.device, model_path: Path):
         self.name = name
         self.model = model
         self.processor = processor
-        self.settings = settings
+        self.settings = settings = resolve_memory_settings(settings, model, device)  # batch size, cache budget
         self.device = device
         self.model_path = model_path
         self.tokenizer = processor.tokenizer
@@ -66,15 +128,32 @@ class ImageTextToTextBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.generation_kwargs = {"pad_token_id": self.tokenizer.pad_token_id, **settings.generation}
         self.image_cache = ImageCache(self._prepare_image, max_bytes=settings.image_cache_mb * 2**20)
+        self.batch_runner = BatchRunner(
+            device, settings.batch_size, on_out_of_memory=self._shrink_image_cache, memory_advice=self._memory_advice
+        )
+        self.work = WorkTimes()
+        self.chat = ChatEncoder(processor)
+        forward_parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+        self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
+        self._reply_warnings: set[str] = set()
 
     # -- the interface -------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
-        """One Generation per prompt, same order, `settings.batch_size` prompts per generate call."""
+    def generate(
+        self, prompts: Sequence[FewShotPrompt], replies: Sequence[Sequence[str] | None] | None = None
+    ) -> list[Generation]:
+        """One Generation per prompt, same order, `settings.batch_size` prompts per generate call.
+
+        `replies[i]`: the strings whose log-probabilities `prompts[i]`'s Generation carries in
+        `reply_logprobs` (see `base.Generation`); the answers are the same with or without them.
+        """
+        if replies is not None and len(replies) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
         results: list[Generation | None] = [None] * len(prompts)
         size = self.batch_size
         for start in range(0, len(prompts), size):
-            self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results)
+            self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results, replies)
         return results  # type: ignore[return-value]
 
     @property
@@ -83,47 +162,197 @@ class ImageTextToTextBackend:
 
     # -- batching ------------------------------------------------------------------------------
 
-    def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list) -> None:
+    def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list, replies=None) -> None:
         ready: list[tuple[int, PreparedPrompt]] = []
         for i in indices:
             try:
-                ready.append((i, self._prepare(prompts[i])))
+                ready.append((i, self._prepare(prompts[i], None if replies is None else replies[i])))
             except UnreadableImage as error:
                 results[i] = Generation.failed(str(error))
+            except (GenerationAborted, DeviceOutOfMemory):
+                raise
             except Exception as error:  # noqa: BLE001 -- e.g. an image the processor rejects: this prompt only
                 results[i] = Generation.failed(f"preparing the prompt failed: {type(error).__name__}: {error}")
-        if not ready:
-            return
-        outcomes = run_with_retry([prepared for _, prepared in ready], self._generate_texts, self.device)
-        for (i, _), outcome in zip(ready, outcomes):
-            results[i] = (
-                Generation.failed(failure_reason(outcome))
-                if isinstance(outcome, Exception)
-                else Generation.from_raw(outcome)
-            )
+        if ready:
+            started = time.perf_counter()
+            outcomes = self.batch_runner.run_with_retry([prepared for _, prepared in ready], self._generate_texts)
+            self.work.generate_s += time.perf_counter() - started
+            for (i, _), outcome in zip(ready, outcomes):
+                failed = isinstance(outcome, Failed)
+                results[i] = Generation.failed(outcome.reason) if failed else outcome
+        self.work.prompts += len(indices)
+        self.batch_runner.observe([results[i].error for i in indices])
 
-    def _prepare(self, prompt: FewShotPrompt) -> PreparedPrompt:
+    def _prepare(self, prompt: FewShotPrompt, replies: Sequence[str] | None = None) -> PreparedPrompt:
         messages = chat_messages(prompt, self.settings.prompt)
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return PreparedPrompt(text=text, images=tuple(self.image_cache.get(path) for path in prompt.images))
+        text = self.chat.render_prompt(messages)
+        images = tuple(self.image_cache.get(path) for path in prompt.images)
+        return PreparedPrompt(text=text, images=images, reply_tokens=self._reply_tokens(messages, text, replies))
 
-    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[str]:
+    def _reply_tokens(self, messages: list[dict], text: str, replies: Sequence[str] | None):
+        """Each reply's tokens, or None (with a warning, once per reason) when they cannot be told apart."""
+        if replies is None:
+            return None
+        try:
+            return self.chat.reply_tokens(messages, text, replies)
+        except ValueError as error:  # a ReplyEncodingError, or a reply holding a reserved character
+            if str(error) not in self._reply_warnings:
+                self._reply_warnings.add(str(error))
+                log.warning("no reply likelihoods for prompts of this kind: %s", error)
+            return None
+
+    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[Generation]:
+        """Each prompt's Generation: the decoded answer and, where asked, its replies' log-probabilities.
+
+        With `share_prefill` (and beams), beam search starts from one prefill per prompt instead of
+        one per beam. Replies are scored after generation, from the prompts' part of the cache
+        generation leaves: the very prompt the answers came from, read once.
+        """
         inputs = self._encode(batch)
-        prompt_length = inputs["input_ids"].shape[1]
+        beams = self.generation_kwargs.get("num_beams", 1)
+        generation_kwargs = {**self.generation_kwargs, "return_dict_in_generate": True}
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **self.generation_kwargs)
-        return self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+            if self.share_prefill and beams > 1:
+                cache = self._prefill(inputs)
+                cache.batch_repeat_interleave(beams)  # row b -> rows b*beams .. b*beams+beams-1, as generate expands
+                text_inputs = {key: inputs[key] for key in TEXT_KEYS if key in inputs}
+                output = self.model.generate(**text_inputs, **{self._cache_argument: cache}, **generation_kwargs)
+            else:
+                output = self.model.generate(**inputs, **generation_kwargs)
+            logprobs = self._reply_logprobs(batch, inputs, output, max_rows=len(batch) * beams)
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [Generation.from_raw(text, reply_logprobs=scores) for text, scores in zip(texts, logprobs)]
+
+    def _prefill(self, inputs: dict):
+        """The KV cache of each prompt but its last token: images, cache and the model's position offsets
+        (kept by Qwen2.5-VL for the steps that follow) come from here; the last token is plain text."""
+        prefix = {key: value[:, :-1] if key in TEXT_KEYS else value for key, value in inputs.items()}
+        output = self.model(**prefix, use_cache=True, **self._prefill_kwargs)
+        return getattr(output, self._cache_argument)
+
+    def _reply_logprobs(self, batch: list[PreparedPrompt], inputs: dict, output, max_rows: int) -> list:
+        """Per prompt: its replies' log-probabilities in order, or None when none were asked (or possible).
+        Each distinct (prompt, reply tokens) is scored once; the prompts' cache is generation's, cut back
+        (or, for a cache that cannot be cut back, a prefill of its own)."""
+        rows = list(dict.fromkeys((b, tokens) for b, p in enumerate(batch) for tokens in p.reply_tokens or ()))
+        scores = []
+        if rows:
+            cache = prompt_cache(output, inputs["input_ids"].shape)
+            scores = reply_logprobs(
+                self.model,
+                cache if cache is not None else self._prefill(inputs),
+                inputs,
+                rows,
+                cache_argument=self._cache_argument,
+                pad_token_id=self.tokenizer.pad_token_id,
+                max_rows=max(1, max_rows),
+            )
+        by_row = dict(zip(rows, scores))
+        return [
+            None if p.reply_tokens is None else tuple(by_row[(b, tokens)] for tokens in p.reply_tokens)
+            for b, p in enumerate(batch)
+        ]
+
+    # -- images ------------------------------------------------------------------------------------
+
+    def prefetch(self, prompts: Sequence[FewShotPrompt]) -> None:
+        """Prepare the prompts' images that are not cached yet, before `generate` needs them.
+
+        The generator calls this after proposing a block. Reading and processing (CPU) run in
+        `settings.prefetch_threads` threads, a few images ahead of the vision tower, which takes each
+        image alone in first-use order: an image's features are the same as when `generate` prepares
+        it. Only as many images as the cache holds are prepared; a failure is left for `generate`,
+        which meets it again and fails that prompt. Also logs the previous block's work (`WorkTimes`).
+        """
+        if self.work.prompts:
+            log.info("%s", self.work.report(self.image_cache))
+            self.work = WorkTimes()
+        paths = self.image_cache.missing(path for prompt in prompts for path in prompt.images)
+        if not paths or self.settings.prefetch_threads == 0 or self.image_cache.max_bytes == 0:
+            return
+        started = time.perf_counter()
+        kept = kept_bytes = 0
+        with ThreadPoolExecutor(self.settings.prefetch_threads, thread_name_prefix="image-prefetch") as pool:
+            ahead = _run_ahead(pool, self._read_and_process, paths, depth=2 * self.settings.prefetch_threads)
+            for path, future in zip(paths, ahead):
+                try:
+                    processed, seconds = future.result()
+                except UnreadableImage as error:
+                    self.image_cache.remember_unreadable(path, str(error))
+                    continue
+                except Exception:  # noqa: BLE001 -- e.g. an image the processor rejects: generate reports it
+                    continue
+                self.work.prepare_s += seconds
+                entry = self._tower(processed)
+                if entry is None:  # out of memory: the cache was shrunk; generate prepares the rest
+                    break
+                size = nbytes(entry)
+                if kept_bytes + size > self.image_cache.max_bytes * PREFETCH_CACHE_SHARE:
+                    break  # more would evict what this block is about to use (older blocks' images go first)
+                self.image_cache.put(path, entry)
+                kept, kept_bytes = kept + 1, kept_bytes + size
+        self.work.prefetched += kept
+        self.work.prefetch_s += time.perf_counter() - started
+
+    def _prepare_image(self, image):
+        """What the cache keeps per image (the cache calls this on a miss)."""
+        started = time.perf_counter()
+        processed = self._process_image(image)
+        self.work.prepare_s += time.perf_counter() - started
+        return self.batch_runner.call(lambda: self._timed_entry(processed))
+
+    def _read_and_process(self, path: Path):
+        """In a prefetch thread: the decoded, processed image and the seconds it took."""
+        started = time.perf_counter()
+        processed = self._process_image(self.image_cache.read(path))
+        return processed, time.perf_counter() - started
+
+    def _tower(self, processed):
+        """`_image_entry` with the memory rules of `generate`; None when memory ran out (cache shrunk)."""
+        try:
+            return self.batch_runner.call(lambda: self._timed_entry(processed))
+        except DeviceOutOfMemory:
+            return None
+
+    def _timed_entry(self, processed):
+        started = time.perf_counter()
+        entry = self._image_entry(processed)
+        self.work.tower_s += time.perf_counter() - started
+        self.work.images += 1
+        return entry
+
+    def _shrink_image_cache(self) -> None:
+        before = self.image_cache.max_bytes
+        self.image_cache.shrink()
+        log.warning(
+            "out of memory: image cache budget %d -> %d MB (set vqa_model.image_cache_mb to choose it)",
+            before // 2**20,
+            self.image_cache.max_bytes // 2**20,
+        )
+
+    def _memory_advice(self) -> str:
+        return (
+            f"vqa_model.image_cache_mb (now {self.image_cache.max_bytes // 2**20} MB), the image size "
+            "(vqa_model.processor_kwargs: {size: {longest_edge: ...}}, the max_pixels), or vqa_model.dtype "
+            "(now " + str(self.model.dtype).removeprefix("torch.") + "); --batch_size is already down to 1"
+        )
 
     # -- what the Qwen2.5-VL backend overrides ---------------------------------------------------
 
-    def _prepare_image(self, image):
-        """What the cache keeps per image: here the decoded picture."""
+    def _process_image(self, image):
+        """The host-side work on a decoded image (thread-safe: prefetch runs it in threads); here none."""
         return image
+
+    def _image_entry(self, processed):
+        """What the cache keeps per image, from `_process_image`'s result: here the decoded picture."""
+        return processed
 
     def _encode(self, batch: list[PreparedPrompt]) -> dict:
         """The `generate` inputs of a batch: the processor does text, padding and pixels."""
-        inputs = self.processor(
-            text=[prepared.text for prepared in batch],
+        texts = [prepared.text for prepared in batch]
+        inputs = self.chat.processor_for(texts)(
+            text=texts,
             images=[list(prepared.images) for prepared in batch],
             padding=True,
             return_tensors="pt",
@@ -172,7 +401,9 @@ def load_model_and_processor(path: Path, device: torch.device, settings: VQAMode
     from lever_lm.vqa.backends.processor import load_processor
 
     dtype = default_dtype(device, settings.dtype)
-    extra = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
+    bind_device(device)
+    attention = attn_implementation(settings)
+    extra = {"attn_implementation": attention} if attention else {}
     try:
         processor = load_processor(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
@@ -195,17 +426,9 @@ def describe_settings(name: str, *, model_path: str | None, config: dict | None,
 
 
 def describe_chat_model(name: str, path: Path, settings: VQAModelSettings, device: str, image_processor: str) -> dict:
-    """The fingerprint of a chat VLM run: model content, prompt, decoding, and the numerics.
-
-    The numerics are part of it because they change answers: a run started on a CPU in float32 and
-    resumed on a GPU in bfloat16 must not mix two models' behaviour in one file. The device index,
-    the GPU model and the batch size are left out (rounding differences only).
-    """
-    import transformers
-
+    """The fingerprint of a chat VLM run: model content, prompt, decoding, image processing, numerics."""
     from lever_lm.vqa.backends import model_identity
 
-    device_type = _device_type(device)
     return {
         "vqa_model": name,
         "model": model_identity(path),
@@ -213,21 +436,8 @@ def describe_chat_model(name: str, path: Path, settings: VQAModelSettings, devic
         "generation": dict(settings.generation),
         "processor_kwargs": dict(settings.processor_kwargs),
         "image_processor": image_processor,
-        "numerics": {
-            "device_type": device_type,
-            "dtype": str(default_dtype(torch.device(device_type), settings.dtype)).removeprefix("torch."),
-            "attn_implementation": settings.attn_implementation,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "numerics": describe_numerics(device, settings.dtype, attn_implementation(settings)),
     }
-
-
-def _device_type(device: str) -> str:
-    try:
-        return torch.device(device).type
-    except (RuntimeError, TypeError) as error:
-        raise InputError(None, f"--device {device!r} is not a torch device: {error}") from None
 
 
 def _auto_image_processor() -> str:
@@ -235,6 +445,23 @@ def _auto_image_processor() -> str:
     import importlib.util
 
     return "auto, torchvision " + ("present" if importlib.util.find_spec("torchvision") else "absent")
+
+
+def attention_in_use(model) -> dict[str, str | None]:
+    """The attention implementation each part of a loaded model runs (they change answers slightly)."""
+    config = model.config
+    parts = {"text": config.get_text_config()}
+    if getattr(config, "vision_config", None) is not None:
+        parts["vision"] = config.vision_config
+    return {name: getattr(part, "_attn_implementation", None) for name, part in parts.items()}
+
+
+def attn_implementation(settings: VQAModelSettings) -> str | dict | None:
+    """The `attn_implementation` argument: one for the whole model, or one per part when the vision
+    tower has its own (`vision_attn_implementation`)."""
+    if settings.vision_attn_implementation is None:
+        return settings.attn_implementation
+    return {"vision_config": settings.vision_attn_implementation, "text_config": settings.attn_implementation}
 
 
 def load(

@@ -9,12 +9,15 @@ image, and candidates share ICDs. Per distinct image this backend once
 1. reads and decodes the file,
 2. runs the image processor (resize to a multiple of 28 px, normalise, cut into 14 px patches), and
 3. runs the vision tower, keeping its output features (on the model's device),
-all kept in an LRU cache bounded by `vqa_model.image_cache_mb`. A batch then needs only text
+all kept in an LRU cache bounded by `vqa_model.image_cache_mb`. After the generator proposes a
+block, `prefetch` does steps 1-2 for the block's new images in threads while step 3 runs image by
+image (base class). A batch then needs only text
 work: the chat texts with each `<|image_pad|>` expanded to the image's token count (exactly what
 `Qwen2_5_VLProcessor` does), left-padded, plus each image's grid (for the 3D rotary positions)
 and its cached features, handed to `generate` as precomputed `mm_encoder_outputs`. Left padding is
 safe: the 3D rotary positions are computed from the attention mask, so a padded row gets the same
-positions, and the same answer, as the prompt alone.
+positions, and on CPU in float32 the same answer, as the prompt alone (on a GPU in bf16, rounding
+depends on the batch shape, so rare near-ties can flip).
 
 With a transformers version whose Qwen2.5-VL `forward` has no `mm_encoder_outputs`, step 3 is
 skipped and the cached processed pixels are passed instead (the vision tower then runs per batch).
@@ -23,7 +26,11 @@ And the prompt is read once, not once per beam: `generate` with 3 beams copies e
 times before its first forward pass, and that prefill of ~1,000-token prompts is nearly all the
 cost of a 5-token answer. So the backend runs the forward pass over each prompt but its last token
 itself, copies the resulting KV cache 3 times, and lets `generate` (the same beam search) go on
-from there: one third of the prefill work, the same answers (the tests compare both ways).
+from there: one third of the prefill work, the same answers on CPU in float32 (the tests compare
+both ways; on a GPU in bf16 the last prompt token runs as a cached one-token step, another kernel,
+so rare near-ties can flip: the GPU check measures the agreement). Reply likelihoods
+(`generate(prompts, replies)`) continue from the prompts' part of that same cache, so they cost
+only the replies' own tokens (see `image_text_to_text`).
 """
 
 from __future__ import annotations
@@ -73,48 +80,41 @@ class Qwen2_5_VLBackend(ImageTextToTextBackend):
             precompute_vision = "mm_encoder_outputs" in forward_parameters
         self.precompute_vision = precompute_vision
         self.share_prefill = share_prefill
-        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
         self.image_token = self.processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_size = self.processor.image_processor.merge_size
 
-    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[str]:
-        """Beam search with the prompt prefilled once per prompt rather than once per beam."""
-        beams = self.generation_kwargs.get("num_beams", 1)
-        if not self.share_prefill or beams == 1:
-            return super()._generate_texts(batch)
-        inputs = self._encode(batch)
-        text_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
-        prefix = {key: value[:, :-1] if key in text_keys else value for key, value in inputs.items()}
-        with torch.inference_mode():
-            # All but the last token (the "\n" after "assistant", plain text): images, cache and
-            # the 3D rotary offsets (kept by the model for the steps that follow) come from here.
-            output = self.model(**prefix, use_cache=True, logits_to_keep=1)
-            cache = getattr(output, self._cache_argument, None)
-            cache.batch_repeat_interleave(beams)  # row b -> rows b*beams .. b*beams+beams-1, as generate expands
-            generated = self.model.generate(
-                **{key: inputs[key] for key in text_keys}, **{self._cache_argument: cache}, **self.generation_kwargs
-            )
-        return self.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-
-    def _prepare_image(self, image) -> QwenImage:
+    def _process_image(self, image) -> QwenImage:
+        """Host side (thread-safe): resize, normalise, cut into patches; pixels in the model's dtype
+        (the tower casts them to it anyway) and, for a GPU, in pinned memory, so that the copy to the
+        device is half the size and overlaps the work."""
         processed = self.processor.image_processor(
             images=[image], return_tensors="pt", **self.settings.processor_kwargs
         )
         grid_thw = processed["image_grid_thw"]
         num_tokens = int(grid_thw.prod()) // self.merge_size**2
+        pixel_values = processed["pixel_values"]
+        if self.precompute_vision:
+            pixel_values = pixel_values.to(self.model.dtype)
+            if self.device.type == "cuda":
+                pixel_values = pixel_values.pin_memory()
+        return QwenImage(grid_thw=grid_thw, num_tokens=num_tokens, pixel_values=pixel_values)
+
+    def _image_entry(self, processed: QwenImage) -> QwenImage:
+        """The vision tower on this one image: its features replace its pixels (batch 1, so that an
+        image's features never depend on which other images were prepared with it)."""
         if not self.precompute_vision:
-            return QwenImage(grid_thw=grid_thw, num_tokens=num_tokens, pixel_values=processed["pixel_values"])
-        pixel_values = processed["pixel_values"].to(self.device)
+            return processed
+        pixel_values = processed.pixel_values.to(self.device, non_blocking=True)
         with torch.inference_mode():
-            output = self.model.get_image_features(pixel_values, grid_thw.to(self.device), return_dict=True)
+            output = self.model.get_image_features(pixel_values, processed.grid_thw.to(self.device), return_dict=True)
         features = output.pooler_output[0]
-        return QwenImage(grid_thw=grid_thw, num_tokens=num_tokens, features=features)
+        return QwenImage(grid_thw=processed.grid_thw, num_tokens=processed.num_tokens, features=features)
 
     def _encode(self, batch: list[PreparedPrompt]) -> dict:
         images: list[QwenImage] = [image for prepared in batch for image in prepared.images]
         texts = [self._expand_image_tokens(prepared) for prepared in batch]
-        tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
+        tokens = self.chat.tokenize(texts, padding=True, return_tensors="pt")
         input_ids = tokens["input_ids"]
         inputs = {
             "input_ids": input_ids.to(self.device),
@@ -133,7 +133,8 @@ class Qwen2_5_VLBackend(ImageTextToTextBackend):
         return inputs
 
     def _expand_image_tokens(self, prepared: PreparedPrompt) -> str:
-        """Each `<|image_pad|>` of the chat text repeated as many times as its image has tokens."""
+        """Each `<|image_pad|>` of the chat text repeated as many times as its image has tokens (the
+        text's only image tokens are the template's: one in a user string is escaped)."""
         pieces = re.split(re.escape(self.image_token), prepared.text)
         if len(pieces) != len(prepared.images) + 1:
             raise ValueError(f"the chat text has {len(pieces) - 1} image tokens for {len(prepared.images)} images")
