@@ -19,11 +19,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from lever_lm.errors import InputError
-from lever_lm.models.v3 import generate_rl_data
-from lever_lm.rl.engines import ray as ray_engine
-from lever_lm.rl.engines.ray import Block, BlockFailed, Dispatcher, Worker, worker_slots
-from lever_lm.rl.journal import Journal
+from lever_lm.errors import InputError  # noqa: E402
+from lever_lm.models.v3 import generate_rl_data  # noqa: E402
+from lever_lm.rl.engines import ray as ray_engine  # noqa: E402
+from lever_lm.rl.engines.ray import Block, Dispatcher, Worker, WorkersLost, worker_slots  # noqa: E402
+from lever_lm.rl.journal import Journal  # noqa: E402
 
 SMALL = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "--num_random", "1", "--device", "cpu"]
 BLOCK = ["--proposal_block", "2"]  # 12 queries -> 6 blocks, so that two workers share the work
@@ -206,7 +206,7 @@ def test_a_block_that_loses_three_workers_stops_the_run_naming_it(monkeypatch):
         assert dispatcher.pending[0] is block and block.todo == {12, 13} and block.failures == attempt
         assert worker.lost == "RuntimeError: killed" and dispatcher.workers[-1].number == worker.number + 1
         dispatcher.pending.popleft()
-    with pytest.raises(BlockFailed, match=r"block 3 \(4 queries, rows 10\.\.13\) lost 3 Ray workers; last: .*killed"):
+    with pytest.raises(WorkersLost, match=r"block 3 \(4 queries, rows 10\.\.13\) lost 3 Ray workers; last: .*killed"):
         dispatcher.replace(Worker(9, None, info={"pid": 1}, block=block), RuntimeError("killed"))
 
 

@@ -15,9 +15,10 @@ unjournaled part of the blocks in flight: a rerun resumes from the journal.
 
 A lost worker (killed, out of host memory, its node gone) costs only the rest of its block: the
 block goes back to the front of the queue without the queries already journaled, and a replacement
-worker starts. A block that loses MAX_BLOCK_FAILURES workers stops the run with an error naming it.
-Any other error raised in a worker (a model that cannot be loaded, an accelerator error) stops the
-run at once with that error. Plain actor calls, not streaming generators, so that Ray Client
+worker starts. A block that loses MAX_BLOCK_FAILURES workers stops the run (`WorkersLost`, naming
+the block and the last cause). Any other error raised in a worker stops the run at once with that
+very error: an `InputError` (a model that cannot be loaded there), a `GenerationAborted` (an
+accelerator failure), or a bug. Plain actor calls, not streaming generators, so that Ray Client
 (`ray://`) drivers work too.
 """
 
@@ -50,6 +51,7 @@ from lever_lm.rl.engines.progress import Progress
 from lever_lm.rl.inputs import Inputs
 from lever_lm.rl.request import GenerationRequest
 from lever_lm.vqa.backends import load_backend
+from lever_lm.vqa.backends.base import GenerationAborted
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,9 @@ WAIT_NOTE_SECONDS = 60.0  # how often to say that no worker is running yet
 LOST_WORKER = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
 
 
-class BlockFailed(InputError):
-    """A block lost MAX_BLOCK_FAILURES workers; the journal keeps every finished query."""
+class WorkersLost(GenerationAborted):
+    """Ray workers keep dying: one block lost MAX_BLOCK_FAILURES of them, or as many died while
+    loading. The journal keeps every finished query; a rerun resumes once the cause is fixed."""
 
 
 @dataclass(frozen=True)
@@ -355,20 +358,13 @@ class Dispatcher:
             self.lost_while_loading += 1
             what = "while loading"
             if self.lost_while_loading >= MAX_BLOCK_FAILURES:
-                raise BlockFailed(
-                    None,
-                    f"{self.lost_while_loading} Ray workers were lost while loading the model; last: {worker.lost}",
-                )
+                raise WorkersLost(f"{self.lost_while_loading} Ray workers were lost while loading; last: {worker.lost}")
         else:
             worker.busy_seconds += time.time() - worker.block_started
             block.failures += 1
             what = f"on {block.describe()}"
             if block.failures >= MAX_BLOCK_FAILURES:
-                raise BlockFailed(
-                    None,
-                    f"{block.describe()} lost {block.failures} Ray workers; last: {worker.lost}. "
-                    "Every finished query is journaled; fix the cause and rerun to resume",
-                )
+                raise WorkersLost(f"{block.describe()} lost {block.failures} Ray workers; last: {worker.lost}")
             if block.todo:
                 self.pending.appendleft(block)
         log.warning("Ray worker %d lost %s (%s); starting a replacement", worker.number, what, worker.lost)
