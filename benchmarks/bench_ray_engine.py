@@ -11,7 +11,9 @@ CPU and one torch thread. Each run starts from an empty journal.
 Two figures per run, from the meta sidecar: the scoring speed (candidates / seconds from the first
 worker ready to the end; loading a worker is a fixed cost per run) and the end-to-end time (Ray
 start, worker start, scoring, final JSON). The configurations take turns for `--repeats` rounds and
-the medians count. The local engine (this process, one thread) runs once per round for reference
+the medians count. Each round also measures the machine's own ceiling: how much more two
+independent one-thread processes get done than one (on a shared or hyperthreaded machine, less
+than 2x; no engine can scale past it). The local engine (this process, one thread) runs once per round for reference
 (end to end only: it has no separate scoring phase). Every run must write the same bytes.
 """
 
@@ -21,6 +23,8 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +73,30 @@ def build_inputs(demo: Path, out: Path, queries: int) -> list[str]:
     ]
 
 
+CEILING_PROBE = """
+import time, torch
+torch.set_num_threads(1)
+a = torch.randn(256, 256)
+started = time.perf_counter()
+for _ in range(2000):
+    a @ a
+print(time.perf_counter() - started)
+"""
+
+
+def machine_ceiling() -> float:
+    """Throughput of two concurrent one-thread matmul processes relative to one process alone."""
+
+    def seconds(copies: int) -> float:
+        probes = [subprocess.Popen([sys.executable, "-c", CEILING_PROBE], stdout=subprocess.PIPE, text=True)]
+        probes += [subprocess.Popen([sys.executable, "-c", CEILING_PROBE], stdout=subprocess.PIPE, text=True)
+                   for _ in range(copies - 1)]  # fmt: skip
+        return max(float(p.communicate()[0]) for p in probes)
+
+    alone = seconds(1)
+    return 2 * alone / seconds(2)
+
+
 def generate(flags: list[str], output: Path, block: int) -> tuple[float | None, float, int, bytes]:
     """One run from an empty journal: (scoring seconds (Ray only), end-to-end seconds, candidates, output)."""
     args = build_parser().parse_args([*flags, f"--output_path={output}", f"--proposal_block={block}"])
@@ -82,7 +110,7 @@ def generate(flags: list[str], output: Path, block: int) -> tuple[float | None, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, help="an already built demo (default: build one in a temp dir)")
-    parser.add_argument("--queries", type=int, default=64, help="beam-data queries (the demo has 274 items)")
+    parser.add_argument("--queries", type=int, default=256, help="beam-data queries (the demo has 274 items)")
     parser.add_argument("--block", type=int, default=8, help="--proposal_block: the unit handed to a worker")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the medians count")
     args = parser.parse_args()
@@ -109,8 +137,11 @@ def run(flags: list[str], tmp: Path, args) -> None:
     print(f"workload: {args.queries} queries of the demo, blocks of {args.block}, default proposals, tiny Qwen2.5-VL")
     rounds: dict[str, list[tuple[float, float, int]]] = {label: [] for label in ways}
     outputs = set()
+    ceilings = []
     for r in range(args.repeats):
-        print(f"round {r + 1}: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+        ceilings.append(machine_ceiling())
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"round {r + 1}: load average {load}; machine ceiling for 2 processes {ceilings[-1]:.2f}x", flush=True)
         for number, (label, extra) in enumerate(ways.items()):
             output = tmp / f"run-{r}-{number}" / "rl.json"
             scoring, seconds, candidates, data = generate([*flags, *extra], output, args.block)
@@ -123,6 +154,7 @@ def run(flags: list[str], tmp: Path, args) -> None:
         wall[label] = statistics.median(t for _, t, _ in runs)
         speed[label] = statistics.median(c / s for s, _, c in runs) if runs[0][0] is not None else None
         print(f"  {describe(label, speed[label], wall[label])}")
+    print(f"  machine ceiling for 2 processes: {statistics.median(ceilings):.2f}x")
     print(f"identical output in every run: {len(outputs) == 1}")
     print(f"speed-up, 2 workers vs 1 (scoring): {speed['ray, 2 workers'] / speed['ray, 1 worker']:.2f}x")
     print(f"speed-up, 2 workers vs 1 (end to end): {wall['ray, 1 worker'] / wall['ray, 2 workers']:.2f}x")

@@ -92,6 +92,8 @@ class BlockWorker:
     def setup(self, inputs: Inputs, spec: WorkerSpec) -> dict:
         """Load the backend (an InputError stops the run); say who and where this worker is."""
         started = time.time()
+        import lever_lm.models.v3.generate_rl_data  # noqa: F401 -- the generator's process settings, before CUDA starts
+
         torch.set_num_threads(spec.threads)
         _check_same_code_and_libraries(spec.expected)
         backend = load_backend(
