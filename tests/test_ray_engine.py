@@ -22,7 +22,9 @@ ray = pytest.importorskip("ray")
 from lever_lm.errors import InputError  # noqa: E402
 from lever_lm.models.v3 import generate_rl_data  # noqa: E402
 from lever_lm.rl.engines import ray as ray_engine  # noqa: E402
-from lever_lm.rl.engines.ray import Block, Dispatcher, Worker, WorkersLost, worker_slots  # noqa: E402
+from lever_lm.rl.blocks import QueryResult  # noqa: E402
+from lever_lm.rl.engines.ray import Block, BlockWorker, Dispatcher, Worker, WorkersLost, worker_slots  # noqa: E402
+from lever_lm.vqa.backends.base import GenerationAborted  # noqa: E402
 from lever_lm.rl.journal import Journal  # noqa: E402
 
 SMALL = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "--num_random", "1", "--device", "cpu"]
@@ -213,3 +215,33 @@ def test_a_block_that_loses_three_workers_stops_the_run_naming_it(monkeypatch):
 def test_a_worker_with_other_library_versions_is_refused():
     with pytest.raises(InputError, match="has torch .*, the driver 0.0"):
         ray_engine._check_same_code_and_libraries({"torch": "0.0"})
+
+
+class ScorerThatFails:
+    """Finishes the block's first query, then fails as an accelerator would (after `fail_after`)."""
+
+    def __init__(self, fail_after: int | None):
+        self.fail_after = fail_after
+
+    def run(self, block, todo):
+        for number, query in enumerate(block):
+            if number == self.fail_after:
+                raise GenerationAborted("the accelerator failed")
+            time.sleep(0.01)
+            yield QueryResult(query, {"pointer_candidates": []})
+
+
+@pytest.mark.parametrize("fail_after", [None, 1])
+def test_a_worker_hands_back_every_finished_query_then_the_error_that_stopped_it(fail_after):
+    worker = BlockWorker()
+    worker.scorer = ScorerThatFails(fail_after)
+    worker.begin([5, 6, 7], {5, 6, 7})
+    collected, done = [], False
+    try:
+        while not done:
+            results, done = worker.collect()
+            collected += [r.query_idx for r in results]
+    except GenerationAborted:
+        assert fail_after == 1 and collected == [5]
+    else:
+        assert fail_after is None and collected == [5, 6, 7]

@@ -7,9 +7,9 @@ embeddings or the SFT checkpoint from disk (the images and the VQA model are rea
 runs, so every node needs them at the same paths).
 
 The driver hands each block that holds a query to do to whichever worker is free. The worker
-scores it exactly as the local engine does (`BlockScorer.run`) and hands its finished queries back
-one call at a time; the driver journals each as it arrives (append + fsync), in whatever order the
-blocks finish. The final JSON is written in beam-data order from the journal, so the output is
+scores it exactly as the local engine does (`BlockScorer.run`), in a thread, and the driver keeps
+one call open per worker that returns the queries finished so far; it journals each (append +
+fsync) as it arrives, in whatever order the blocks finish. The final JSON is written in beam-data order from the journal, so the output is
 byte-identical to the local engine's on the same device type, and a killed driver loses only the
 unjournaled part of the blocks in flight: a rerun resumes from the journal.
 
@@ -28,7 +28,9 @@ import logging
 import math
 import os
 import re
+import queue
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 MAX_BLOCK_FAILURES = 3  # lost workers one block may cost before the run stops
 CPUS_PER_WORKER = 1  # and one torch thread: a worker's CPU work is feeding its GPU
 WAIT_NOTE_SECONDS = 60.0  # how often to say that no worker is running yet
+BLOCK_DONE = "block done"  # what a worker's scoring thread says after the block's last query
 # A worker process that is gone, for whatever reason: its block is retried on another worker.
 LOST_WORKER = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
 
@@ -83,11 +86,13 @@ class WorkerSpec:
 
 
 class BlockWorker:
-    """A Ray actor: loads the VQA backend once, then scores blocks, one finished query per call."""
+    """A Ray actor: loads the VQA backend once, then scores blocks in a thread of its own while the
+    driver collects the finished queries, so a slow or distant driver never stalls the scoring."""
 
     def __init__(self) -> None:
         self.scorer: BlockScorer | None = None
-        self.running = iter(())
+        self.finished: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
 
     def setup(self, inputs: Inputs, spec: WorkerSpec) -> dict:
         """Load the backend (an InputError stops the run); say who and where this worker is."""
@@ -112,14 +117,37 @@ class BlockWorker:
             "load_seconds": round(time.time() - started, 3),
         }
 
-    def begin(self, block: list[int], todo: set[int]) -> QueryResult | None:
-        """Start a block; its first finished query (None: nothing of it was to do)."""
-        self.running = self.scorer.run(block, todo)
-        return self.next_result()
+    def begin(self, block: list[int], todo: set[int]) -> None:
+        """Start scoring a block; `collect` hands back its finished queries."""
+        self.finished = queue.Queue()
+        threading.Thread(target=self._score, args=(block, todo, self.finished), daemon=True).start()
 
-    def next_result(self) -> QueryResult | None:
-        """The block's next finished query, or None when the block is done."""
-        return next(self.running, None)
+    def _score(self, block: list[int], todo: set[int], finished: queue.Queue) -> None:
+        try:
+            for result in self.scorer.run(block, todo):
+                finished.put(result)
+            finished.put(BLOCK_DONE)
+        except BaseException as error:  # raised to the driver by `collect`, after the results before it
+            finished.put(error)
+
+    def collect(self) -> tuple[list[QueryResult], bool]:
+        """The queries finished since the last call (waiting for one at least), and whether the block is done."""
+        if self.error is not None:
+            raise self.error
+        results, item = [], self.finished.get()
+        while True:
+            if item is BLOCK_DONE:
+                return results, True
+            if isinstance(item, BaseException):
+                if results:
+                    self.error = item
+                    return results, False
+                raise item
+            results.append(item)
+            try:
+                item = self.finished.get_nowait()
+            except queue.Empty:
+                return results, False
 
 
 def _check_same_code_and_libraries(expected: dict) -> None:
@@ -280,7 +308,7 @@ class Dispatcher:
         self.pending: deque[Block] = deque(blocks)
         self.on_result = on_result
         self.workers: list[Worker] = []
-        self.calls: dict = {}  # outstanding call -> (worker, "setup" | "result")
+        self.calls: dict = {}  # outstanding call -> (worker, "setup" | "results")
         self.lost_while_loading = 0
         self.first_ready: float | None = None  # when the first worker could take a block
 
@@ -306,7 +334,7 @@ class Dispatcher:
                 if kind == "setup":
                     self.ready(worker, value)
                 else:
-                    self.received(worker, value)
+                    self.received(worker, *value)
         finally:
             for worker in self.workers:
                 ray.kill(worker.actor)
@@ -336,20 +364,22 @@ class Dispatcher:
             if worker.ready and worker.block is None:
                 block = self.pending.popleft()
                 worker.block, worker.block_started = block, time.time()
-                self.calls[worker.actor.begin.remote(block.queries, set(block.todo))] = (worker, "result")
+                worker.actor.begin.remote(block.queries, set(block.todo))
+                self.calls[worker.actor.collect.remote()] = (worker, "results")
 
-    def received(self, worker: Worker, result: QueryResult | None) -> None:
+    def received(self, worker: Worker, results: list[QueryResult], done: bool) -> None:
         block = worker.block
-        if result is None:  # the block is done
+        if done:
             worker.blocks += 1
             worker.busy_seconds += time.time() - worker.block_started
             worker.block = None
-            return
-        self.calls[worker.actor.next_result.remote()] = (worker, "result")  # keep it busy while we journal
-        block.todo.discard(result.query_idx)
-        worker.queries += 1
-        worker.candidates += len(result.entry["pointer_candidates"])
-        self.on_result(result)
+        else:
+            self.calls[worker.actor.collect.remote()] = (worker, "results")
+        for result in results:
+            block.todo.discard(result.query_idx)
+            worker.queries += 1
+            worker.candidates += len(result.entry["pointer_candidates"])
+            self.on_result(result)
 
     def replace(self, worker: Worker, error: BaseException) -> None:
         """Put the lost worker's block back (without what is journaled) and start a replacement."""
@@ -402,8 +432,8 @@ def connect(address: str | None) -> None:
     try:
         if joining:
             ray.init(address=address)
-        else:
-            ray.init(address="local", include_dashboard=False)
+        else:  # Ray renices its workers to 15 by default; here they are the job, not background work
+            ray.init(address="local", include_dashboard=False, _system_config={"worker_niceness": 0})
     except Exception as error:  # ConnectionError, ValueError, an authentication error, ...
         where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
         raise InputError(None, f"--ray_address {where}: cannot connect: {compact(error)}") from None
