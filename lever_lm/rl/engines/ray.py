@@ -268,15 +268,16 @@ class RayEngine:
             for i, block in enumerate(blocks_of(queries, block_size))
             if todo.intersection(block)
         ]
-        with Progress(len(todo), enabled=request.progress, workers=self.num_workers) as bar:
+        num_workers = min(self.num_workers, len(blocks))  # a worker without a block would only load a model
+        started = time.time()
+        with Progress(len(todo), enabled=request.progress, workers=num_workers) as bar:
 
             def journal_and_count(result: QueryResult) -> None:
                 on_result(result)
                 bar.done(result)
 
             dispatcher = Dispatcher(ray.put(inputs), spec, self.gpus_per_worker, blocks, journal_and_count)
-            started = time.time()
-            dispatcher.run(self.num_workers)
+            dispatcher.run(num_workers)
         first_ready = dispatcher.first_ready or started
         batch_sizes = [w.info["batch_size"] for w in dispatcher.workers if w.info]
         return {
