@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ SMALL = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "-
 BLOCK = ["--proposal_block", "2"]  # 12 queries -> 6 blocks, so that two workers share the work
 CLUSTER = """
 import sys, ray
-ray.init(address="local", num_cpus=2, include_dashboard=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1])
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()  # until the test module closes our stdin
 ray.shutdown()
@@ -49,18 +51,21 @@ def argv(rl_inputs, output: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster with 2 CPUs for the whole module, in its own process; every run joins it
-    by address, like a driver joining a real cluster, and it is shut down after the module."""
+    by address, like a driver joining a real cluster, and it is shut down (its logs removed) after
+    the module."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the in-process drivers join without a token
+    sessions = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths live under it
     process = subprocess.Popen(
-        [sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        [sys.executable, "-c", CLUSTER, sessions], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
     )
     address = process.stdout.readline().strip()
     assert re.fullmatch(r"[\d.]+:\d+", address), f"the test cluster did not start: {address!r}"
     yield address
     process.stdin.close()
     process.wait(timeout=120)
+    shutil.rmtree(sessions, ignore_errors=True)
     if saved is None:
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
