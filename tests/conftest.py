@@ -66,11 +66,11 @@ class RLInputs:
 
 @pytest.fixture(scope="session")
 def rl_inputs(demo_dir: Path, tmp_path_factory) -> RLInputs:
-    """Demo embeddings (tiny CLIP), 12 queries of beam data, and a briefly trained SFT pointer."""
+    """Demo embeddings (tiny CLIP), 12 queries of beam data (scored by the tiny VLM), a briefly trained SFT pointer."""
     from lever_lm.data.beam_data import load_beam_data, save_beam_data
     from lever_lm.data.embeddings import save_embeddings
     from lever_lm.data.vqa import VQADataset
-    from lever_lm.demo.beam_data import build_demo_beam_data
+    from lever_lm.demo.beam_data import VLMAnswerProbability, build_demo_beam_data
     from lever_lm.embeddings.export import export_embeddings
     from lever_lm.models.v2.checkpoint import save_pointer_checkpoint
     from lever_lm.models.v2.train_sft import train_pointer_sft
@@ -85,7 +85,8 @@ def rl_inputs(demo_dir: Path, tmp_path_factory) -> RLInputs:
     embeddings = export_embeddings(dataset, demo_dir / "models" / "clip-tiny", batch_size=64, progress=False)
     save_embeddings(embeddings, out / "query_embeddings.pt")
     save_embeddings(embeddings, out / "candidate_embeddings.pt")
-    save_beam_data(build_demo_beam_data(dataset, embeddings, num_queries=12), out / "beam.json")
+    probability = VLMAnswerProbability.load(demo_dir / "models" / "qwen2.5-vl-tiny", dataset)
+    save_beam_data(build_demo_beam_data(len(dataset), probability, num_queries=12, candidate_num=8), out / "beam.json")
     beam = load_beam_data(out / "beam.json", len(dataset))
     model = train_pointer_sft(
         beam, embeddings, hidden_dim=32, num_layers=1, use_gate=True, epochs=5, lr=3e-3, batch_size=32, seed=0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -43,14 +44,16 @@ class RecordingBackend:
     def prefetch(self, prompts):
         self.prefetched += [(p.query.image.name, tuple(s.image.name for s in p.shots)) for p in prompts]
 
-    def generate(self, prompts):
+    def generate(self, prompts, replies=None):
         self.calls.append([(p.query.image.name, tuple(s.image.name for s in p.shots)) for p in prompts])
         out = []
-        for p in prompts:
+        for k, p in enumerate(prompts):
             if p.shots and p.shots[0].image.name in self.fail:
                 out.append(Generation.failed("generation failed: RuntimeError: boom"))
             else:
-                out.append(Generation.from_raw(f" {p.shots[0].image.stem[-3:] if p.shots else 'x'}"))
+                # a made-up likelihood per reply: half the mass spread evenly
+                logprobs = None if replies is None else tuple(math.log(0.5 / len(replies[k])) for _ in replies[k])
+                out.append(Generation.from_raw(f" {p.shots[0].image.stem[-3:] if p.shots else 'x'}", logprobs))
         return out
 
 
@@ -140,8 +143,8 @@ def test_a_query_whose_own_image_is_unreadable_is_left_out_and_reported(rl_input
     args = ["--train_image_root", str(images)]
 
     class FailsOnBrokenImages(RecordingBackend):
-        def generate(self, prompts):
-            out = super().generate(prompts)
+        def generate(self, prompts, replies=None):
+            out = super().generate(prompts, replies)
             return [Generation.failed("cannot read image") if path in p.images else g for p, g in zip(prompts, out)]
 
     summary = run_generation(request(rl_inputs, tmp_path / "rl.json", *args), backend=FailsOnBrokenImages(4))

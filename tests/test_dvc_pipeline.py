@@ -18,15 +18,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lever_lm.models.v2.checkpoint import load_pointer_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_PARAMS = {
     "num_beams": 2,
     "temps": [1.0],
     "num_samples_per_temp": 1,
     "num_random": 1,
-    "demo": {"beam_queries": 8},
+    "demo": {"beam_queries": 8, "candidate_num": 16},
+    "demo_clip": {"steps": 30},
     "sft": {"epochs": 5},
-    "demo_vlm": {"vision_steps": 30, "steps": 30},
+    "demo_vlm": {"vision_steps": 150, "steps": 150},  # enough for answers (and gt_prob) to mean something
 }
 
 
@@ -68,10 +71,26 @@ def test_repro_builds_everything_and_a_second_repro_is_a_no_op(repo: Path):
     metrics = json.loads((repo / "data/rl/metrics.json").read_text())
     assert metrics["queries"] == 8 and metrics["candidates"] > 0
     assert (repo / "data/rl/plots/group_reward_std.png").is_file()
+    assert load_pointer_checkpoint(repo / "data/demo/sft/pointer_v2.ckpt").hidden_dim == 256  # what the lineage builds
     again = dvc(repo, "repro")
     assert "Running stage" not in again.stdout
     assert "up to date" in again.stdout
     assert dvc(repo, "config", "core.analytics").stdout.strip() == "false"
+
+
+def test_gt_prob_carries_the_signal_of_accuracy_and_more(repo: Path):
+    """On the demo: correct candidates get a clearly higher vqa_gt_prob, it ranks like accuracy, and it
+    still tells candidates apart where accuracy cannot (groups whose accuracy is flat)."""
+    data = json.loads((repo / "data/rl/rl_data.json").read_text())
+    candidates = [c for e in data.values() for c in e["pointer_candidates"]]
+    assert all(0.0 <= c["vqa_gt_prob"] <= 1.0 for c in candidates)
+    metrics = json.loads((repo / "data/rl/metrics.json").read_text())
+    breakdown = json.loads((repo / "data/rl/metrics_breakdown.json").read_text())["gt_prob"]
+    assert metrics["gt_prob"]["spearman_with_accuracy"] >= 0.3
+    assert breakdown["mean_when_correct"] >= breakdown["mean_when_incorrect"] + 0.1
+    assert breakdown["accuracy_flat_groups"] > 0 and breakdown["share_of_them_where_gt_prob_differs"] > 0.5
+    modes = metrics["reward_modes"]
+    assert modes["hard01_plus_gtprob"]["non_flat"] >= modes["hard_plus_soft"]["non_flat"]
 
 
 def test_exp_run_with_other_temperatures(repo: Path):
@@ -84,6 +103,21 @@ def test_exp_run_with_other_temperatures(repo: Path):
     runs = [run["data"] for exp in experiments for run in exp.get("revs", [])]
     assert any(r["params"]["params.yaml"]["data"]["temps"] == [0.7, 1.0, 1.3] for r in runs)
     assert any("share_non_flat_groups" in r["metrics"]["data/rl/metrics.json"]["data"] for r in runs)
+
+
+def test_exp_run_with_per_query_pools(repo: Path):
+    dvc(repo, "exp", "run", "-S", "pool=per_query")
+    data = json.loads((repo / "data/rl/rl_data.json").read_text())
+    cache = json.loads((repo / "data/demo/sampler_cache.json").read_text())
+    for key, entry in data.items():
+        assert entry["query"]["candidate_pool_ids"] == cache[key] and len(cache[key]) == 64
+        assert all(c["pointer_global"] == [cache[key][i] for i in c["pointer"]] for c in entry["pointer_candidates"])
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    runs = [run["data"] for commit in shown for exp in (commit.get("experiments") or []) for run in exp.get("revs", [])]
+    per_query = [r for r in runs if r["params"]["params.yaml"]["data"]["pool"] == "per_query"]
+    assert per_query and "top10_icd_share" in per_query[0]["metrics"]["data/rl/metrics.json"]["data"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "pool": "global"}, sort_keys=False))  # for the next tests
 
 
 def test_an_interrupted_generation_resumes_under_repro(repo: Path):

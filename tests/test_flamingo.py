@@ -10,6 +10,7 @@ magnitude up to 18) and exactly the same generated tokens, beam and greedy.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -144,6 +145,29 @@ def test_mixed_image_counts_and_an_unreadable_image_in_one_batch(tmp_path):
     assert results[2].raw == _case("batch_of_three")["decoded_beam"][0]
 
 
+def test_reply_likelihoods_equal_a_plain_forward_pass_and_leave_the_answers_alone():
+    backend = load_backend("flamingo_3B", model_path=str(REFERENCE / "model"), device="cpu", batch_size=3)
+    prompts = [_prompt(indices) for indices in _case("batch_of_three")["prompts"]]
+    replies = [("red", "2", "a blue, circle"), ("yes",), ("right", "left side")]
+    results = backend.generate(prompts, replies)
+    assert [g.raw for g in results] == _case("batch_of_three")["decoded_beam"]
+    total = 0.0
+    for prompt, asked, generation in zip(prompts, replies, results):
+        prepared = backend._prepare(prompt, asked)
+        alone = backend._encode([prepared])  # one prompt: no padding at all
+        for reply, tokens, got in zip(asked, prepared.reply_tokens, generation.reply_logprobs):
+            ids = torch.cat([alone["input_ids"], torch.tensor([tokens])], dim=1)
+            mask = torch.ones_like(ids)
+            with torch.inference_mode():
+                logits = backend.model(ids, mask, alone["media"], alone["media_mask"])
+            logprobs = torch.log_softmax(logits.float(), dim=-1)[0, -len(tokens) - 1 : -1]
+            expected = float(logprobs.gather(1, torch.tensor(tokens)[:, None]).sum())
+            assert got == pytest.approx(expected, abs=1e-4), reply
+            assert tokens[-1] == backend.eoc_token_id
+            total += math.exp(got)
+    assert 0.0 < total < len(prompts)
+
+
 # -- 2. the real OpenFlamingo-3B layout ------------------------------------------------------------
 
 
@@ -246,5 +270,6 @@ def test_the_generator_runs_with_the_demo_openflamingo(rl_inputs, tmp_path):
     validate_rl_data(output, data, Expectations(beam.query_ids[:4], RecordRules(beam.shot_num, 274)))
     candidates = [c for entry in data.values() for c in entry["pointer_candidates"]]
     assert len(data) == 4 and candidates and not any(c["eval_failed"] for c in candidates)
+    assert all(0.0 <= c["vqa_gt_prob"] <= 1.0 for c in candidates), "Flamingo gives vqa_gt_prob too"
     meta = json.loads(output.with_name("rl.json.meta.json").read_text())
     assert meta["settings"]["vqa"]["vqa_model"] == "flamingo_3B"

@@ -59,7 +59,7 @@ class NoModel:
     def prefetch(self, prompts):
         raise AssertionError("the VQA model must not be used when every query is journaled")
 
-    def generate(self, prompts):
+    def generate(self, prompts, replies=None):
         raise AssertionError("the VQA model must not be used when every query is journaled")
 
 
@@ -100,7 +100,7 @@ def test_a_rerun_with_the_same_settings_uses_no_model_and_rewrites_the_same_byte
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, rl_inputs, tmp_path):
     output = tmp_path / "rl.json"
-    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output, "--batch_size", "2")]
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output)]  # the reference's batch size: vqa_gt_prob's last bits depend on it
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal_lines = 0
     deadline = time.time() + 120
@@ -259,12 +259,17 @@ def run_without_model_main(args: list[str]) -> None:
 def test_no_temperatures_means_no_sampling(rl_inputs, tmp_path):
     from stages.generate_rl_data import argv_from_params
 
-    flags = argv_from_params({"temps": [], "num_samples_per_temp": 2, "seed": 3, "unrelated": 1})
+    flags = argv_from_params({"temps": [], "num_samples_per_temp": 2, "seed": 3, "unrelated": 1, "gt_prob": True})
     assert flags == ["--temps", "--num_samples_per_temp", "2", "--seed", "3"]
+    switches = {"gt_prob": False, "exclude_same_image": True}
+    assert argv_from_params(switches) == ["--exclude_same_image", "--no_gt_prob"]
     output = tmp_path / "rl.json"
     generate_rl_data.main(argv(rl_inputs, output, "--limit", "2") + flags)
     methods = {c["gen_method"] for e in load_rl_data(output).values() for c in e["pointer_candidates"]}
     assert "sample" not in methods and "beam" in methods
+    generate_rl_data.main(argv(rl_inputs, output, "--limit", "2", "--no_gt_prob"))
+    candidates = [c for e in load_rl_data(output).values() for c in e["pointer_candidates"]]
+    assert all(c["vqa_gt_prob"] is None for c in candidates) and all("vqa_rel_score" in c for c in candidates)
 
 
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(reference, rl_inputs, tmp_path, capsys, monkeypatch):
@@ -295,7 +300,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(reference, rl_inputs, tmp
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_run_with_one_line_and_a_rerun_resumes(reference, rl_inputs, tmp_path, signum, code):
     output = tmp_path / "rl.json"
-    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output, "--batch_size", "2")]
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output)]  # the reference's batch size: vqa_gt_prob's last bits depend on it
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:

@@ -40,6 +40,10 @@ def entry(query_idx: int, failed: bool = False, answer: str = "red") -> dict:
         "vqa_acc_score": 0.0,
         "vqa_eval_mode": "vqaEval",
         "eval_failed": failed,
+        "vqa_gt_prob": None,
+        "vqa_rel_token_f1": 0.0,
+        "vqa_rel_edit_sim": 0.0,
+        "vqa_rel_score": 0.0,
     }
     if failed:
         candidate["eval_error"] = "cannot read image"

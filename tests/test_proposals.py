@@ -22,7 +22,7 @@ from lever_lm.models.v3.proposals import (
     ProposalSettings,
     Proposer,
     _deduplicate,
-    _random_sequence,
+    random_rows,
     query_generator,
 )
 
@@ -285,7 +285,7 @@ def test_query_generator_is_stable_per_seed_and_query():
 def test_random_sequences_are_uniform_over_allowed_rows():
     g = torch.Generator().manual_seed(0)
     banned, k, n = [0, 3, 4], 8, 6000
-    draws = [_random_sequence(g, banned, k, 2) for _ in range(n)]
+    draws = [random_rows(g, banned, k, 2) for _ in range(n)]
     allowed = [i for i in range(k) if i not in banned]
     seqs = list(itertools.permutations(allowed, 2))
     assert all(d in seqs for d in draws)

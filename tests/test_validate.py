@@ -13,6 +13,7 @@ import pytest
 
 from lever_lm.errors import InputError
 from lever_lm.rl.records import RecordRules
+from lever_lm.vqa.relevance import relevance
 from lever_lm.rl.validate import (
     Expectations,
     compute_breakdown,
@@ -43,6 +44,8 @@ def candidate(pointer, method="beam", answer="red", rank=0, temp=None) -> dict:
         "vqa_acc_score": acc,
         "vqa_eval_mode": "vqaEval",
         "eval_failed": False,
+        "vqa_gt_prob": None,
+        **relevance(answer, ANSWERS),
     }
 
 
@@ -113,6 +116,10 @@ def _first(d):
         (lambda d: _first(d).update(eval_failed=True, vqa_acc_score=0.0, vqa_correct=0), "needs its reason"),
         (lambda d: d["3"]["pointer_candidates"][2].update(temperature=0.5), "'sample@0.5' candidates"),
         (lambda d: d["7"]["pointer_candidates"].append(candidate([5, 6], "random")), "2 'random' candidates"),
+        (lambda d: _first(d).update(vqa_gt_prob=1.5), "vqa_gt_prob must be a probability"),
+        (lambda d: _first(d).update(vqa_rel_score=0.1), "vqa_rel_score must be the larger"),
+        (lambda d: _first(d).update(vqa_rel_token_f1=0.5, vqa_rel_score=max(0.5, _first(d)["vqa_rel_edit_sim"])), "relevance fields differ"),
+        (lambda d: _first(d).pop("vqa_rel_edit_sim"), "must be numbers in [0, 1]"),
     ],
 )
 def test_each_violation_is_reported(good, breakage, message):
@@ -149,7 +156,7 @@ def test_metrics_values(good):
     assert metrics["beam_top1_accuracy"] == 1.0
     assert metrics["share_non_flat_groups"] == 0.5  # query 7 is all 1.0
     assert metrics["mean_group_reward_std"] == pytest.approx(statistics.pstdev([1.0, 0.3, 0.0]) / 2, abs=1e-6)
-    assert len(metrics) <= 10, "the headline stays small enough for `dvc exp show`"
+    assert len([k for k, v in metrics.items() if not isinstance(v, dict)]) <= 10, "a headline for `dvc exp show`"
     meta = {"counts": {"duplicates_dropped": {"beam": 0, "sample": 2, "random": 1}}}
     breakdown = compute_breakdown(good, meta)
     assert breakdown["candidates_per_query"] == {"mean": 2.5, "min": 2, "max": 3}
@@ -166,7 +173,44 @@ def test_plot_data_and_files(good, tmp_path):
     assert histogram["flat"] == 1 and histogram["0.4-0.5"] == 1 and sum(histogram.values()) == 2
     written = write_plots(plots, tmp_path)
     assert {p.name for p in written} == {
-        "reward_distribution.csv", "group_reward_std.csv", "reward_distribution.png", "group_reward_std.png"
+        "reward_distribution.csv", "group_reward_std.csv", "reward_distribution.png", "group_reward_std.png",
+        "gt_prob_by_accuracy.csv", "gt_prob_by_accuracy.png",
     }  # fmt: skip
     assert (tmp_path / "reward_distribution.png").read_bytes()[:4] == b"\x89PNG"
     assert json.dumps(plots)  # plain data
+
+
+def with_gt_prob(data: dict, values: dict[tuple[str, int], float]) -> dict:
+    data = copy.deepcopy(data)
+    for (key, n), value in values.items():
+        data[key]["pointer_candidates"][n]["vqa_gt_prob"] = value
+    return data
+
+
+def test_dense_reward_metrics(good):
+    # query 3: red (1.0), blue (0.3), yellow (0.0); query 7: red, red -- flat in accuracy
+    data = with_gt_prob(good, {("3", 0): 0.8, ("3", 1): 0.4, ("3", 2): 0.1, ("7", 0): 0.9, ("7", 1): 0.6})
+    metrics = compute_metrics(data)
+    assert metrics["gt_prob"]["mean"] == pytest.approx((0.8 + 0.4 + 0.1 + 0.9 + 0.6) / 5)
+    # ranks of gt_prob: 4, 2, 1, 5, 3; of accuracy (ties averaged): 4, 2, 1, 4, 4
+    assert metrics["gt_prob"]["spearman_with_accuracy"] == pytest.approx(8 / 80**0.5, abs=1e-6)
+    modes = metrics["reward_modes"]
+    assert modes["hard_plus_soft"]["non_flat"] == 0.5  # query 7 is flat in hard and soft
+    assert modes["hard01_plus_gtprob"]["non_flat"] == 1.0  # ... but not once gt_prob is added
+    std7 = statistics.pstdev([1 + 0.9, 1 + 0.6])
+    std3 = statistics.pstdev([1 + 0.8, 1 + 0.4, 0 + 0.1])
+    assert modes["hard01_plus_gtprob"]["group_std"] == pytest.approx((std3 + std7) / 2, abs=1e-6)
+    separated = statistics.pstdev([2 + 0.8, 2 + 0.4, 0.1])
+    assert modes["hard01_plus_gtprob_separated"]["group_std"] == pytest.approx((separated + std7) / 2, abs=1e-6)
+    rel_yellow = data["3"]["pointer_candidates"][2]["vqa_rel_score"]
+    rel3 = statistics.pstdev([1 + 0.8, 1 + 0.4, 0.1 + 0.1 * rel_yellow])
+    assert modes["hard_plus_gtprob_plus_rel"]["group_std"] == pytest.approx((rel3 + std7) / 2, abs=1e-6)
+    breakdown = compute_breakdown(data)["gt_prob"]
+    assert breakdown["mean_when_correct"] == pytest.approx((0.8 + 0.4 + 0.9 + 0.6) / 4)
+    assert breakdown["mean_when_incorrect"] == pytest.approx(0.1)
+    assert breakdown["accuracy_flat_groups"] == 1 and breakdown["share_of_them_where_gt_prob_differs"] == 1.0
+
+
+def test_without_gt_prob_only_the_hard_and_soft_mode_is_reported(good):
+    metrics = compute_metrics(good)
+    assert "gt_prob" not in metrics and list(metrics["reward_modes"]) == ["hard_plus_soft"]

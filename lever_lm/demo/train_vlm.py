@@ -342,7 +342,30 @@ def answer_loss(model, batch: dict) -> Tensor:
 
 
 def shared_prefix_loss(model, batch: dict) -> Tensor:
-    """`answer_loss`, with the text that starts every row (the system turn) run once, not once per row.
+    """`answer_loss`, with the text that starts every row (the system turn) run once, not once per row."""
+    hidden = shared_prefix_hidden(model, batch)
+    targets = batch["labels"][:, 1:]
+    picked = targets != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][picked]), targets[picked])
+
+
+def answer_losses(model, batch: dict) -> Tensor:
+    """Per row [B]: the mean cross-entropy of its labelled tokens (the same pass as `shared_prefix_loss`).
+
+    exp(-loss) is the model's (per-token geometric mean) probability of a row's answer, the quantity
+    Lever-LM's InfoScore compares with and without an ICD (see `lever_lm.demo.beam_data`).
+    """
+    hidden = shared_prefix_hidden(model, batch)
+    targets = batch["labels"][:, 1:]
+    picked = targets != IGNORE_INDEX
+    losses = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][picked]), targets[picked], reduction="none")
+    rows = picked.nonzero()[:, 0]
+    totals = torch.zeros(targets.shape[0], dtype=losses.dtype).index_add_(0, rows, losses)
+    return totals / picked.sum(dim=1).clamp(min=1)
+
+
+def shared_prefix_hidden(model, batch: dict) -> Tensor:
+    """The language model's last hidden states [B, L, h], the text that starts every row run once.
 
     Every prompt begins with the same ~130 tokens of system prompt, more than half of each row.
     Its keys and values are computed for one row and repeated for the batch (gradients flow
@@ -377,10 +400,7 @@ def shared_prefix_loss(model, batch: dict) -> Tensor:
         use_cache=True,
         **{cache_argument: cache},
     )
-    hidden = torch.cat([head.last_hidden_state.expand(input_ids.shape[0], -1, -1), tail.last_hidden_state], dim=1)
-    targets = batch["labels"][:, 1:]
-    picked = targets != IGNORE_INDEX
-    return torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][picked]), targets[picked])
+    return torch.cat([head.last_hidden_state.expand(input_ids.shape[0], -1, -1), tail.last_hidden_state], dim=1)
 
 
 def _shared_text_prefix(input_ids: Tensor, mm_token_type_ids: Tensor) -> int:

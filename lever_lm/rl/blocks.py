@@ -14,7 +14,13 @@ queries (blocks are also the unit of sharding and of the Ray engine's scheduling
    done and to-do queries runs in full and the done queries' answers are dropped. On a GPU in
    bf16 an answer can depend on its batch-mates, so this is what makes a resumed run write the
    answers an uninterrupted run writes;
-4. builds each to-do query's record as soon as its last chunk is scored, in block order.
+4. builds each to-do query's record as soon as its last chunk is scored, in block order. With
+   `gt_prob`, every prompt also asks the backend for the likelihood of each of the query's
+   distinct human answers (`vqa_gt_prob`, docs/formats.md §7).
+
+With per-query pools (`--pool per_query`) each query is proposed over its own pool alone: the
+block's pools come from `inputs.pools`, a candidate's pointer holds positions in its query's pool
+(prompts are built from the global rows), and the record carries the pool.
 
 A query whose own image cannot be read gets no real scores: every candidate shows that image, so
 its group would be all zeros that look like data. Its result says so (`query_error`), and the
@@ -30,6 +36,7 @@ from lever_lm.models.v3.proposals import Candidate, Proposer, QueryProposals
 from lever_lm.rl.inputs import Inputs
 from lever_lm.rl.records import candidate_record, query_record
 from lever_lm.vqa.backends.base import Generation, VQABackend
+from lever_lm.vqa.expected_accuracy import distinct_answers
 from lever_lm.vqa.images import UnreadableImage, read_rgb
 from lever_lm.vqa.metric import prepare_answers
 from lever_lm.vqa.prompts import build_prompt
@@ -63,10 +70,13 @@ def shard_of(queries: Sequence[int], num_shards: int, shard_id: int, block_size:
 class BlockScorer:
     """Proposes and scores blocks of queries with one pointer and one VQA backend (see the module doc)."""
 
-    def __init__(self, inputs: Inputs, backend: VQABackend, eval_mode: str, device: str, block_size: int):
+    def __init__(
+        self, inputs: Inputs, backend: VQABackend, eval_mode: str, device: str, block_size: int, gt_prob: bool = True
+    ):
         self.inputs = inputs
         self.backend = backend
         self.eval_mode = eval_mode
+        self.gt_prob = gt_prob
         self.proposer = Proposer(
             inputs.pointer,
             inputs.query_emb,
@@ -75,13 +85,15 @@ class BlockScorer:
             image_ids=inputs.dataset.image_ids,
             device=device,
             query_batch_size=block_size,
+            per_query=inputs.pools is not None,
         )
 
     def run(self, block: Sequence[int], todo: set[int]) -> Iterator[QueryResult]:
         """The results of the block's queries that are in `todo`, in block order."""
         if not todo.intersection(block):
             return
-        yield from self.score(self.proposer.propose(block), todo)
+        pools = self.inputs.pools.pools_of(block) if self.inputs.pools is not None else None
+        yield from self.score(self.proposer.propose(block, pools), todo)
 
     def score(self, proposals: list[QueryProposals], todo: set[int]) -> Iterator[QueryResult]:
         """Score the block's candidates chunk by chunk (chunks cut from the whole block)."""
@@ -95,7 +107,8 @@ class BlockScorer:
         next_to_yield = 0
         for chunk, chunk_prompts in zip(chunks, prompts):
             if chunk_prompts is not None:
-                for (i, j, _), generation in zip(chunk, self.backend.generate(chunk_prompts), strict=True):
+                replies = [self._replies(proposals[i].query_idx) for i, _, _ in chunk] if self.gt_prob else None
+                for (i, j, _), generation in zip(chunk, self.backend.generate(chunk_prompts, replies), strict=True):
                     generations[i][j] = generation
             for i, _, _ in chunk:
                 remaining[i] -= 1
@@ -112,16 +125,24 @@ class BlockScorer:
         return any(proposals[i].query_idx in todo for i, _, _ in chunk)
 
     def _prompts(self, proposals: list[QueryProposals], chunk: list[tuple[int, int, Candidate]]) -> list:
-        return [build_prompt(self.inputs.dataset, proposals[i].query_idx, c.pointer) for i, _, c in chunk]
+        return [build_prompt(self.inputs.dataset, proposals[i].query_idx, proposals[i].global_pointer(c)) for i, _, c in chunk]
+
+    def _replies(self, query_idx: int) -> tuple[str, ...]:
+        """The replies whose likelihoods give `vqa_gt_prob`: the query's distinct human answers."""
+        return distinct_answers(self.inputs.scoring_answers[query_idx])
 
     def _result(self, proposals: QueryProposals, generations: list[Generation | None]) -> QueryResult:
         query_idx = proposals.query_idx
         item = self.inputs.dataset[query_idx]
         answers = self.inputs.scoring_answers[query_idx]
         prepared = prepare_answers(list(answers), mode=self.eval_mode)
-        candidates = [candidate_record(c, g, prepared) for c, g in zip(proposals.candidates, generations)]
+        replies = self._replies(query_idx) if self.gt_prob else None
+        pool = proposals.pool
+        candidates = [
+            candidate_record(c, g, prepared, answers, replies, pool) for c, g in zip(proposals.candidates, generations)
+        ]
         entry = {
-            "query": query_record(query_idx, item.question_id, item.image_id, item.question, answers),
+            "query": query_record(query_idx, item.question_id, item.image_id, item.question, answers, pool),
             "pointer_candidates": candidates,
         }
         stats: dict = {"duplicates_dropped": dict(proposals.duplicates_dropped)}

@@ -27,6 +27,7 @@ from lever_lm.config import config_section, load_config
 from lever_lm.data.dataset_paths import FIELDS as DATASET_FIELDS
 from lever_lm.data.dataset_paths import add_dataset_arguments, resolve_dataset_paths
 from lever_lm.errors import EXIT_INPUT_ERROR, exit_on_input_error
+from lever_lm.models.v3.pools import POOL_MODES, SAMPLERS, PoolSettings
 from lever_lm.models.v3.proposals import ProposalSettings
 from lever_lm.rl.blocks import PROPOSAL_BLOCK
 from lever_lm.rl.generate import run_generation
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 REQUEST = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
 PROPOSAL = ProposalSettings()
+POOLS = PoolSettings()
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 EXIT_ABORTED = 3  # the machine failed (an accelerator error, whole batches failing): fix it, then rerun
 
@@ -91,7 +93,32 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
     more.add_argument("--num_retrieval", type=int, default=PROPOSAL.num_retrieval, help="top-cosine retrieval sequences per query")
     more.add_argument("--exclude_same_image", action="store_true", help="never propose items that share the query's image")
     more.add_argument("--seed", type=int, default=PROPOSAL.seed, help="random seed (per query: seed and query id)")
+    more.add_argument(
+        "--pool",
+        choices=POOL_MODES,
+        default=POOLS.pool,
+        help="candidate pool: every training item (global), or each query's own pool (per_query, the lineage's k64 "
+        "layout: pointers are positions in the pool, records carry candidate_pool_ids and pointer_global)",
+    )
+    more.add_argument("--pool_size", type=int, default=POOLS.pool_size, help="items per per-query pool")
+    more.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="where per-query pools come from: cache (--sampler_cache), rand (uniform, seeded per query), sim (nearest "
+        "by embedding cosine); unset: cache when --sampler_cache is given, else rand",
+    )
+    more.add_argument(
+        "--sampler_cache", type=Path, help="the lineage's sampler cache JSON: {str(query row): [pool rows]}"
+    )
     more.add_argument("--eval_mode", choices=MODES, default=REQUEST["eval_mode"], help="VQA accuracy normalisation")
+    gt_prob = more.add_mutually_exclusive_group()
+    gt_prob.add_argument(
+        "--gt_prob",
+        action="store_true",
+        default=REQUEST["gt_prob"],
+        help="compute vqa_gt_prob, the model's expected accuracy over the human answers",
+    )
+    gt_prob.add_argument("--no_gt_prob", dest="gt_prob", action="store_false", help="do not: the field is null")
     more.add_argument("--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory; 16 on CPU)")
     more.add_argument("--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards")
     more.add_argument("--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole proposal blocks)")
@@ -152,8 +179,10 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
             exclude_same_image=args.exclude_same_image,
             seed=args.seed,
         ),
+        pools=PoolSettings(args.pool, args.pool_size, args.sampler, args.sampler_cache),
         shot_num=args.shot_num,
         eval_mode=args.eval_mode,
+        gt_prob=args.gt_prob,
         device=args.device,
         batch_size=args.batch_size,
         num_shards=args.num_shards,

@@ -1,6 +1,7 @@
 """What a run's journal is keyed by: everything that shapes its result, identified by content.
 
-In: every proposal setting and the proposal block size; the scoring mode; the VQA model's content,
+In: every proposal setting and the proposal block size; the pool settings (and the sampler
+cache's content) with per-query pools; the scoring mode; the VQA model's content,
 prompt, decoding and numerics (device type, dtype, attention implementation, library versions);
 the content of every input file, of the images the data set shows, and of the project code that
 computes a result. Out: the device index, batch sizes, the shard layout, --limit and paths as
@@ -54,6 +55,7 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
     return {
         "format_version": FORMAT_VERSION,
         "proposal": {**asdict(inputs.proposal), "temps": list(inputs.proposal.temps)},
+        "pool": pool_settings(request),
         # The constants that fix which random numbers and float roundings a seed produces.
         "proposal_code": {
             "scan_chunk": proposals.SCAN_CHUNK,
@@ -61,6 +63,7 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
             "query_block": block_size,
         },
         "eval_mode": request.eval_mode,
+        "gt_prob": request.gt_prob,
         "vqa": describe_settings(
             request.vqa_model, model_path=request.vqa_model_path, config=request.config, device=request.device
         ),
@@ -68,6 +71,14 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
         "images": files_digest(images, paths.train_image_root),
         "code": code_digest(),
     }
+
+
+def pool_settings(request: GenerationRequest) -> dict:
+    """The pool settings that shape the result; a sampler cache by its content, when it is used."""
+    settings = request.pools.describe()
+    if request.pools.per_query and request.pools.sampler == "cache":
+        settings["sampler_cache"] = file_digest(request.pools.sampler_cache)
+    return settings
 
 
 def code_digest() -> str:

@@ -113,7 +113,7 @@ def plan_run(request: GenerationRequest, block_size: int = PROPOSAL_BLOCK) -> Ru
     """Read the inputs and fix the run's fingerprint."""
     inputs = load_inputs(request)
     settings = fingerprints.run_settings(request, inputs, block_size)
-    rules = RecordRules(inputs.proposal.shot_num, len(inputs.dataset))
+    rules = RecordRules(inputs.proposal.shot_num, len(inputs.dataset), inputs.pools.size if inputs.pools else None)
     return RunPlan(request, inputs, settings, fingerprints.fingerprint(settings), block_size, rules)
 
 
@@ -149,7 +149,7 @@ def run_shard(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
                 batch_size=request.batch_size,
             )
             summary.batch_size = backend.batch_size
-            scorer = BlockScorer(inputs, backend, request.eval_mode, request.device, plan.block_size)
+            scorer = BlockScorer(inputs, backend, request.eval_mode, request.device, plan.block_size, request.gt_prob)
             run_local(scorer, spec.queries, todo, plan.block_size, journal_result, progress=request.progress)
     return summary
 

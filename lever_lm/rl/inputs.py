@@ -1,8 +1,8 @@
 """Read and cross-check every input of a generation run before any model is loaded.
 
-The data set, the beam data, both embedding files, the SFT checkpoint and the scoring annotations
-are read here; every problem is an `InputError` naming its file, so a long GPU job fails in
-seconds, not hours in.
+The data set, the beam data, both embedding files, the SFT checkpoint, the scoring annotations
+and, with per-query pools, the sampler cache are read here; every problem is an `InputError`
+naming its file, so a long GPU job fails in seconds, not hours in.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from lever_lm.errors import InputError
 from lever_lm.io import read_json
 from lever_lm.models.v2.checkpoint import load_pointer_checkpoint
 from lever_lm.models.v2.pointer_selector import PointerSelectorV2
+from lever_lm.models.v3.pools import QueryPools, load_pools
 from lever_lm.models.v3.proposals import ProposalSettings
 from lever_lm.rl.request import GenerationRequest
 
@@ -44,7 +45,8 @@ class Inputs:
     proposal: ProposalSettings
     all_queries: list[int]  # beam-data order, every key
     queries: list[int]  # the first --limit of them (all without --limit)
-    scoring_answers: dict[int, tuple[str, ...]]  # query row -> the human answers that score it
+    scoring_answers: dict[int, tuple[str, ...]]  # every query row -> the human answers that score it
+    pools: QueryPools | None = None  # each query's own pool (--pool per_query); None: the global pool
 
 
 def load_inputs(request: GenerationRequest) -> Inputs:
@@ -57,6 +59,12 @@ def load_inputs(request: GenerationRequest) -> Inputs:
     query_emb = load_embeddings(request.query_emb, len(dataset))
     cand_emb = load_embeddings(request.cand_emb, len(dataset))
     check_embedding_pair(query_emb, cand_emb, request.query_emb, request.cand_emb)
+    proposal = dataclasses.replace(request.proposal, shot_num=request.shot_num or beam.shot_num)
+    all_queries = list(beam.query_ids)
+    queries = all_queries[: request.limit] if request.limit else all_queries
+    # every beam-data query: a block is proposed whole, even the part of it beyond --limit
+    pools = load_pools(request.pools, all_queries, proposal.shot_num, dataset.image_ids, proposal.exclude_same_image,
+                       proposal.seed, query_emb, cand_emb, request.device)
     pointer = load_pointer_checkpoint(request.sft_ckpt)
     if pointer.input_dim != cand_emb.shape[1]:
         raise InputError(
@@ -67,8 +75,8 @@ def load_inputs(request: GenerationRequest) -> Inputs:
     proposal = dataclasses.replace(request.proposal, shot_num=request.shot_num or beam.shot_num)
     all_queries = list(beam.query_ids)
     queries = all_queries[: request.limit] if request.limit else all_queries
-    answers = scoring_answers(request, dataset, queries)
-    return Inputs(dataset, beam, query_emb, cand_emb, pointer.eval(), proposal, all_queries, queries, answers)
+    answers = scoring_answers(request, dataset, all_queries)  # a block straddling --limit scores them all
+    return Inputs(dataset, beam, query_emb, cand_emb, pointer.eval(), proposal, all_queries, queries, answers, pools)
 
 
 def scoring_answers(request: GenerationRequest, dataset: VQADataset, queries: list[int]) -> dict[int, tuple[str, ...]]:

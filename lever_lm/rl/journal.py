@@ -6,7 +6,8 @@ saying what the fingerprint stands for. Its first line is a header naming the fi
 shard and the settings; every further line is one finished query:
 
     {"journal": "lever_lm.rl", "version": 2, "fingerprint": "...", "shard": [i, n],
-     "rules": {"shot_num": 2, "num_items": 9009}, "settings": {...}, "queries": [the shard's query rows]}
+     "rules": {"shot_num": 2, "num_items": 9009[, "pool_size": 64]}, "settings": {...},
+     "queries": [the shard's query rows]}
     {"query_idx": 12, "attempt": 0, "entry": {...}, "stats": {...}, "sha256": "<16 hex>"}
 
 Each line is written, flushed and fsynced before the next query is journaled, so a `kill -9`
@@ -80,7 +81,7 @@ class JournalSpec:
             "version": VERSION,
             "fingerprint": self.fingerprint,
             "shard": [self.shard_id, self.num_shards],
-            "rules": {"shot_num": self.rules.shot_num, "num_items": self.rules.num_items},
+            "rules": rules_header(self.rules),
             "settings": self.settings,
             "queries": list(self.queries),
         }
@@ -91,10 +92,23 @@ class JournalSpec:
         try:
             assert isinstance(header, dict) and header.get("journal") == FORMAT
             shard_id, num_shards = header["shard"]
-            rules = RecordRules(int(header["rules"]["shot_num"]), int(header["rules"]["num_items"]))
+            rules = rules_from_header(header["rules"])
             return cls(header["settings"], tuple(header["queries"]), rules, int(shard_id), int(num_shards))
         except (AssertionError, KeyError, TypeError, ValueError):
             raise ValueError("the first line is not a journal header") from None
+
+
+def rules_header(rules: RecordRules) -> dict:
+    """The header's `rules`; `pool_size` only with per-query pools (global headers are as before)."""
+    header = {"shot_num": rules.shot_num, "num_items": rules.num_items}
+    if rules.pool_size is not None:
+        header["pool_size"] = rules.pool_size
+    return header
+
+
+def rules_from_header(rules: dict) -> RecordRules:
+    pool_size = rules.get("pool_size")
+    return RecordRules(int(rules["shot_num"]), int(rules["num_items"]), None if pool_size is None else int(pool_size))
 
 
 @dataclass

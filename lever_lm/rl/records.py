@@ -2,10 +2,16 @@
 
 A query's record (one value of the final JSON, one journal line's `entry`; docs/formats.md §5):
 
-    {"query": {"query_id", "question_id", "image_id", "question", "gt_answers_raw"},
-     "pointer_candidates": [{"pointer", "gen_method", "beam_rank", "beam_score", "logprob_score",
-                             "temperature", "vqa_raw_generation", "vqa_pred_answer", "vqa_correct",
-                             "vqa_acc_score", "vqa_eval_mode", "eval_failed", ["eval_error"]}, ...]}
+    {"query": {"query_id", "question_id", "image_id", "question", "gt_answers_raw", ["candidate_pool_ids"]},
+     "pointer_candidates": [{"pointer", ["pointer_global"], "gen_method", "beam_rank", "beam_score",
+                             "logprob_score", "temperature", "vqa_raw_generation", "vqa_pred_answer",
+                             "vqa_correct", "vqa_acc_score", "vqa_eval_mode", "eval_failed", ["eval_error"],
+                             "vqa_gt_prob", "vqa_rel_token_f1", "vqa_rel_edit_sim", "vqa_rel_score"}, ...]}
+
+With per-query pools (docs/formats.md §7) the query block carries its pool, `candidate_pool_ids`
+(global rows in pool order), a candidate's `pointer` holds positions in that pool and
+`pointer_global` the global rows (`pointer_global[i] == candidate_pool_ids[pointer[i]]`). With the
+global pool neither field exists and `pointer` holds global rows.
 
 The generator builds records with `query_record` / `candidate_record`; the journal checks every
 line it reads with `entry_problems`; the validator applies the same rules to the final file, and
@@ -21,7 +27,10 @@ from dataclasses import dataclass, field
 
 from lever_lm.models.v3.proposals import METHODS, Candidate
 from lever_lm.vqa.backends.base import Generation
-from lever_lm.vqa.metric import score_prediction
+from lever_lm.vqa.expected_accuracy import expected_accuracy
+from lever_lm.vqa.metric import PreparedAnswers, score_prediction
+from lever_lm.vqa.relevance import FIELDS as RELEVANCE_FIELDS
+from lever_lm.vqa.relevance import relevance
 
 GEN_METHODS = METHODS  # "beam", "sample", "random", "retrieval": the proposal methods, in priority order
 EVAL_MODE_NAME = "vqaEval"
@@ -38,28 +47,56 @@ CANDIDATE_FIELDS = {
     "eval_failed": bool,
 }
 OPTIONAL_NUMBER_FIELDS = ("beam_rank", "beam_score", "logprob_score", "temperature")
+GT_PROB_FIELD = "vqa_gt_prob"  # the dense fields the lineage's trainer reads (docs/formats.md §7)
+DENSE_FIELDS = (GT_PROB_FIELD, *RELEVANCE_FIELDS)
+POOL_FIELD = "candidate_pool_ids"  # query block, per-query pools only
+GLOBAL_POINTER_FIELD = "pointer_global"  # candidate, per-query pools only
 
 
 # -- building -------------------------------------------------------------------------------------
 
 
-def query_record(query_idx: int, question_id: int, image_id: int, question: str, answers: Sequence[str]) -> dict:
-    """The `query` block of a record."""
-    return {
+def query_record(
+    query_idx: int,
+    question_id: int,
+    image_id: int,
+    question: str,
+    answers: Sequence[str],
+    pool: Sequence[int] | None = None,
+) -> dict:
+    """The `query` block of a record; `pool`: the query's own pool (per-query pools only)."""
+    record = {
         "query_id": query_idx,
         "question_id": question_id,
         "image_id": image_id,
         "question": question,
         "gt_answers_raw": list(answers),
     }
+    if pool is not None:
+        record[POOL_FIELD] = list(pool)
+    return record
 
 
-def candidate_record(candidate: Candidate, generation: Generation, prepared_answers) -> dict:
-    """One `pointer_candidates` entry; a failed evaluation scores 0 and says why in `eval_error`."""
+def candidate_record(
+    candidate: Candidate,
+    generation: Generation,
+    prepared: PreparedAnswers,
+    answers: Sequence[str],
+    replies: Sequence[str] | None,
+    pool: Sequence[int] | None = None,
+) -> dict:
+    """One `pointer_candidates` entry; a failed evaluation scores 0 and says why in `eval_error`.
+
+    `answers`: the query's human answers (for relevance); `replies`: the distinct answers whose
+    likelihoods the backend was asked for (None: `vqa_gt_prob` switched off, written as null);
+    `pool`: the query's own pool, whose positions the pointer holds (per-query pools only).
+    """
     failed = generation.error is not None
-    accuracy = 0.0 if failed else score_prediction(generation.answer, prepared_answers)
-    record = {
-        "pointer": list(candidate.pointer),
+    accuracy = 0.0 if failed else score_prediction(generation.answer, prepared)
+    record = {"pointer": list(candidate.pointer)}
+    if pool is not None:
+        record[GLOBAL_POINTER_FIELD] = [pool[i] for i in candidate.pointer]
+    record |= {
         "gen_method": candidate.gen_method,
         "beam_rank": candidate.beam_rank,
         "beam_score": candidate.beam_score,
@@ -74,7 +111,16 @@ def candidate_record(candidate: Candidate, generation: Generation, prepared_answ
     }
     if failed:
         record["eval_error"] = generation.error
+    record[GT_PROB_FIELD] = gt_prob(generation, prepared, replies)
+    record.update(relevance(generation.answer, answers))
     return record
+
+
+def gt_prob(generation: Generation, prepared: PreparedAnswers, replies: Sequence[str] | None) -> float | None:
+    """The candidate's expected accuracy over the human answers, or None when it was not computed."""
+    if replies is None or generation.error is not None or generation.reply_logprobs is None:
+        return None
+    return expected_accuracy(replies, generation.reply_logprobs, prepared)
 
 
 def failed_candidates(entry: dict) -> int:
@@ -95,7 +141,8 @@ class RecordRules:
     """What the inputs say a record must look like."""
 
     shot_num: int
-    num_items: int  # rows of the training split: pointers lie in 0..num_items-1
+    num_items: int  # rows of the training split: global pointers lie in 0..num_items-1
+    pool_size: int | None = None  # per-query pools of this size (pointers are positions in them); None: global
 
 
 def entry_problems(query_idx: int, entry: object, rules: RecordRules) -> Iterator[str]:
@@ -104,12 +151,17 @@ def entry_problems(query_idx: int, entry: object, rules: RecordRules) -> Iterato
     if not isinstance(entry, dict) or not isinstance(entry.get("pointer_candidates"), list):
         yield f"{where}: entry must be an object with a 'pointer_candidates' list"
         return
-    yield from (f"{where}: {p}" for p in _query_problems(query_idx, entry.get("query")))
+    query = entry.get("query")
+    yield from (f"{where}: {p}" for p in _query_problems(query_idx, query))
+    pool_problems = list(_pool_problems(query_idx, query, rules))
+    yield from (f"{where}: {p}" for p in pool_problems)
+    pool = query[POOL_FIELD] if rules.pool_size is not None and isinstance(query, dict) and not pool_problems else None
     if not entry["pointer_candidates"]:
         yield f"{where}: no candidates"
     seen: set[tuple] = set()
     for n, candidate in enumerate(entry["pointer_candidates"]):
-        yield from (f"{where}, candidate {n}: {p}" for p in _candidate_problems(query_idx, candidate, rules))
+        problems = _candidate_problems(query_idx, candidate, rules, pool)
+        yield from (f"{where}, candidate {n}: {p}" for p in problems)
         pointer = tuple(candidate.get("pointer") or ()) if isinstance(candidate, dict) else ()
         if pointer in seen:
             yield f"{where}, candidate {n}: pointer {list(pointer)} appears twice"
@@ -145,7 +197,29 @@ def _query_problems(query_idx: int, query: object) -> Iterator[str]:
         yield "query.gt_answers_raw must be a non-empty list of strings"
 
 
-def _candidate_problems(query_idx: int, c: object, rules: RecordRules) -> Iterator[str]:
+def _pool_problems(query_idx: int, query: object, rules: RecordRules) -> Iterator[str]:
+    """The query's pool: present exactly with per-query pools, `pool_size` distinct rows without the query."""
+    if not isinstance(query, dict):
+        return
+    pool = query.get(POOL_FIELD)
+    if rules.pool_size is None:
+        if POOL_FIELD in query:
+            yield f"query.{POOL_FIELD} in a record of a global-pool run"
+        return
+    if not isinstance(pool, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in pool):
+        yield f"query.{POOL_FIELD} missing or not a list of integers"
+        return
+    if len(pool) != rules.pool_size:
+        yield f"query.{POOL_FIELD} has {len(pool)} rows, expected pool_size = {rules.pool_size}"
+    if any(not 0 <= r < rules.num_items for r in pool):
+        yield f"query.{POOL_FIELD} has ids outside 0..{rules.num_items - 1}"
+    if query_idx in pool:
+        yield f"query.{POOL_FIELD} contains the query itself"
+    if len(set(pool)) != len(pool):
+        yield f"query.{POOL_FIELD} repeats a row"
+
+
+def _candidate_problems(query_idx: int, c: object, rules: RecordRules, pool: list[int] | None) -> Iterator[str]:
     if not isinstance(c, dict):
         yield "not an object"
         return
@@ -159,19 +233,40 @@ def _candidate_problems(query_idx: int, c: object, rules: RecordRules) -> Iterat
         if value is not None and (not _is_number(value) or not math.isfinite(value)):
             yield f"{name} must be a finite number or null"
     yield from _pointer_problems(query_idx, c["pointer"], rules)
+    yield from _global_pointer_problems(c, rules, pool)
     yield from _method_problems(c)
     yield from _score_problems(c)
+    yield from _dense_problems(c)
 
 
 def _pointer_problems(query_idx: int, pointer: list, rules: RecordRules) -> Iterator[str]:
+    """`pointer`: global rows, or with per-query pools positions in the pool (the query is not in it)."""
+    limit = rules.num_items if rules.pool_size is None else rules.pool_size
     if len(pointer) != rules.shot_num:
         yield f"pointer {pointer} has {len(pointer)} ids, expected shot_num = {rules.shot_num}"
-    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < rules.num_items for i in pointer):
-        yield f"pointer {pointer} has ids outside 0..{rules.num_items - 1}"
-    if query_idx in pointer:
+    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < limit for i in pointer):
+        yield f"pointer {pointer} has ids outside 0..{limit - 1}"
+    if rules.pool_size is None and query_idx in pointer:
         yield f"pointer {pointer} contains the query itself"
     if len(set(map(repr, pointer))) != len(pointer):
         yield f"pointer {pointer} repeats an id"
+
+
+def _global_pointer_problems(c: dict, rules: RecordRules, pool: list[int] | None) -> Iterator[str]:
+    """`pointer_global` exists exactly with per-query pools and is the pool's rows at `pointer`."""
+    if rules.pool_size is None:
+        if GLOBAL_POINTER_FIELD in c:
+            yield f"{GLOBAL_POINTER_FIELD} in a record of a global-pool run"
+        return
+    pointer, value = c["pointer"], c.get(GLOBAL_POINTER_FIELD)
+    if not isinstance(value, list):
+        yield f"{GLOBAL_POINTER_FIELD} missing or not a list"
+    elif pool is not None and _in_pool(pointer, pool) and value != [pool[i] for i in pointer]:
+        yield f"{GLOBAL_POINTER_FIELD} {value} is not {POOL_FIELD} at pointer {pointer}"
+
+
+def _in_pool(pointer: list, pool: list[int]) -> bool:
+    return all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(pool) for i in pointer)
 
 
 def _method_problems(c: dict) -> Iterator[str]:
@@ -197,6 +292,17 @@ def _score_problems(c: dict) -> Iterator[str]:
             yield "a failed evaluation must score 0"
         if not isinstance(c.get("eval_error"), str) or not c["eval_error"]:
             yield "a failed evaluation needs its reason in eval_error"
+
+
+def _dense_problems(c: dict) -> Iterator[str]:
+    gt = c.get(GT_PROB_FIELD, "missing")
+    if gt is not None and not (_is_number(gt) and 0.0 <= gt <= 1.0):
+        yield f"{GT_PROB_FIELD} must be a probability in [0, 1] or null, found {gt!r}"
+    values = [c.get(name) for name in RELEVANCE_FIELDS]
+    if not all(_is_number(v) and 0.0 <= v <= 1.0 for v in values):
+        yield f"{', '.join(RELEVANCE_FIELDS)} must be numbers in [0, 1]"
+    elif abs(values[2] - max(values[0], values[1])) > 1e-12:
+        yield "vqa_rel_score must be the larger of vqa_rel_token_f1 and vqa_rel_edit_sim"
 
 
 def _is_number(value: object) -> bool:

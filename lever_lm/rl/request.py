@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lever_lm.data.dataset_paths import DatasetPaths
 from lever_lm.errors import InputError
+from lever_lm.models.v3.pools import PoolSettings
 from lever_lm.models.v3.proposals import ProposalSettings
 from lever_lm.vqa.backends.base import resolve_device
 from lever_lm.vqa.metric import MODES
@@ -38,8 +39,10 @@ class GenerationRequest:
     config: dict = field(default_factory=dict)
     config_path: Path | None = None
     proposal: ProposalSettings = ProposalSettings()
+    pools: PoolSettings = PoolSettings()
     shot_num: int | None = None  # None: from the beam data (overrides proposal.shot_num)
     eval_mode: str = "always"
+    gt_prob: bool = True  # vqa_gt_prob: the likelihood of each human answer (off: the field is null)
     device: str = "cuda:0"
     batch_size: int | None = None  # None: the VQA model's (vqa_model.batch_size, 16)
     num_shards: int = 1

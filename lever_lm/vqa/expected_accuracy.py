@@ -1,4 +1,4 @@
-"""The model's expected VQA accuracy over the human answers: `vqa_gt_prob` (SPEC §7).
+"""The model's expected VQA accuracy over the human answers: `vqa_gt_prob` (docs/formats.md §7).
 
     vqa_gt_prob = sum over the distinct stripped human answer strings r of P(r | prompt) * acc(r)
 

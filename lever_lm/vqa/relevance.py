@@ -1,6 +1,6 @@
 """Relevance of a predicted answer to the human answers: a dense signal beside the all-or-nothing accuracy.
 
-The lineage's trainer reads three per-candidate fields (SPEC §7), defined exactly as its generator
+The lineage's trainer reads three per-candidate fields (docs/formats.md §7), defined exactly as its generator
 computed them:
 
 * `vqa_rel_token_f1`: the maximum, over the human answers, of the token F1 between the prediction

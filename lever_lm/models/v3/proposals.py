@@ -1,10 +1,18 @@
 """Candidate ICD sequences for each query: beam search, temperature samples, random, retrieval (docs/formats.md §4).
 
 For a query the SFT pointer (PointerSelectorV2) defines, step by step, a distribution over the
-pool; a candidate is an ordered sequence of `shot_num` distinct pool rows (global training-row
-ids, in prompt order). The query's own row, and optionally every row sharing its image, is never
-proposed: like rows already picked, those rows get probability 0 at every step (masked before the
-softmax, so each step's distribution is renormalised over the rows left).
+pool; a candidate is an ordered sequence of `shot_num` distinct pool rows (in prompt order). The
+query's own row, and optionally every row sharing its image, is never proposed: like rows already
+picked, those rows get probability 0 at every step (masked before the softmax, so each step's
+distribution is renormalised over the rows left).
+
+Pools (docs/formats.md §7). By default the pool is every training row, and a pointer holds global training
+rows. With per-query pools (`Proposer(..., per_query=True)`, pools from `lever_lm.models.v3.pools`)
+each query is proposed over its own pool alone: the pool rows' embeddings, in pool order, are
+the pointer's whole input (attention and choices), exactly as if the pool were all there is, and
+a pointer holds positions in that pool. The query is never in its pool. Pools differ per query,
+so those queries are proposed one at a time: a 64-row pool is tiny, and a query costs 3-8 ms on
+two CPU cores (`benchmarks/bench_pools.py`), about 1% of its VQA scoring on a GPU.
 
 Methods, in de-duplication priority order:
   beam      beam search of width `num_beams`: at each step every live beam is extended by every
@@ -119,7 +127,7 @@ class ProposalSettings:
 class Candidate:
     """One proposed ICD sequence and the scores of the method that proposed it."""
 
-    pointer: tuple[int, ...]  # global training-row ids in prompt order
+    pointer: tuple[int, ...]  # pool rows in prompt order: global training rows, or positions in a per-query pool
     gen_method: str  # "beam" | "sample" | "random" | "retrieval"
     beam_rank: int | None = None
     beam_score: float | None = None  # sum of step probabilities
@@ -134,15 +142,21 @@ class QueryProposals:
     query_idx: int
     candidates: list[Candidate]
     duplicates_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METHODS, 0))
+    pool: tuple[int, ...] | None = None  # the query's own pool (global rows, pool order); None: the global pool
+
+    def global_pointer(self, candidate: Candidate) -> tuple[int, ...]:
+        """The candidate's ICDs as global training rows."""
+        return candidate.pointer if self.pool is None else tuple(self.pool[i] for i in candidate.pointer)
 
 
-def query_generator(seed: int, query_idx: int) -> torch.Generator:
-    """The random generator of one query: seeded by a stable hash of (seed, query id).
+def query_generator(seed: int, query_idx: int, stream: str = "proposals") -> torch.Generator:
+    """The random generator of one query: seeded by a stable hash of (stream, seed, query id).
 
     A hash (not seed + query_idx) keeps neighbouring queries' streams unrelated, and Python's
-    `hash` is salted per process, so sha256 it is.
+    `hash` is salted per process, so sha256 it is. `stream` names what the numbers are for, so
+    that two uses (the proposals, the query's random pool) never share random numbers.
     """
-    digest = hashlib.sha256(f"lever_lm.proposals:{int(seed)}:{int(query_idx)}".encode()).digest()
+    digest = hashlib.sha256(f"lever_lm.{stream}:{int(seed)}:{int(query_idx)}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -215,14 +229,29 @@ class _Samples:
         ]
 
 
+@dataclass
+class _Pool:
+    """The rows a query's candidates are chosen from, encoded once: the global pool, or one query's pool."""
+
+    encoding: PoolEncoding
+    emb: Tensor  # [K, d] raw embeddings, pool order (the retrieval method's cosines)
+    norms: Tensor | None  # [K] their norms (retrieval only)
+
+    @property
+    def size(self) -> int:
+        return self.emb.shape[0]
+
+
 class Proposer:
-    """Proposes candidates for queries of one pool; the pool is encoded once, here.
+    """Proposes candidates for queries; a pool is encoded once, here (the global one) or per query.
 
     `query_emb` [N, d] / `cand_emb` [K, d]: the embeddings (docs/formats.md §3.3); a query id is a training
-    row, used both as a row of `query_emb` and as the pool row it must never propose.
-    `image_ids` [K]: image id of each pool row, needed by `exclude_same_image`. The model is moved
-    to `device` and put in eval mode. `query_batch_size` queries share each pass over the pool
-    (memory per step ~ batch x (beams + samples) x SCAN_CHUNK floats).
+    row, used both as a row of `query_emb` and, with the global pool, as the row it must never
+    propose. `image_ids` [K]: image id of each row, needed by `exclude_same_image`. The model is
+    moved to `device` and put in eval mode. `query_batch_size` queries share each pass over the
+    global pool (memory per step ~ batch x (beams + samples) x SCAN_CHUNK floats).
+    `per_query`: every query brings its own pool (`propose(ids, pools)`); the global pool is then
+    never encoded.
     """
 
     def __init__(
@@ -234,11 +263,13 @@ class Proposer:
         image_ids: Sequence[int] | None = None,
         device: str = "cpu",
         query_batch_size: int | None = None,
+        per_query: bool = False,
     ):
         _check_embeddings(model, query_emb, cand_emb)
         self.settings = settings
         self.device = torch.device(device)
         self.pool_size = cand_emb.shape[0]
+        self.per_query = per_query
         self.query_batch_size = DEFAULT_QUERY_BATCH if query_batch_size is None else int(query_batch_size)
         if self.query_batch_size < 1:
             raise InputError(None, f"query_batch_size must be >= 1, got {query_batch_size}")
@@ -247,61 +278,94 @@ class Proposer:
                              f"(the query is never its own ICD); the pool has {self.pool_size}")
         if settings.exclude_same_image and image_ids is None:
             raise InputError(None, "exclude_same_image needs the image id of every pool row (image_ids)")
-        self._image_groups = _ImageGroups(image_ids, self.pool_size) if settings.exclude_same_image else None
+        self._image_groups = ImageGroups(image_ids, self.pool_size) if settings.exclude_same_image else None
         self.model = model.to(self.device).eval()
         self.query_emb = query_emb
-        self.cand_emb = cand_emb  # kept (not copied) for the retrieval method
-        with torch.no_grad():
-            self.pool: PoolEncoding = self.model.encode_pool(cand_emb.to(self.device, torch.float32))
-        self._cand_norms = cand_emb.float().norm(dim=1).clamp_min(1e-12) if settings.num_retrieval else None
+        self.cand_emb = cand_emb  # kept (not copied) for the retrieval method and per-query pools
+        self.pool: PoolEncoding | None = None
+        self._global: _Pool | None = None
+        if not per_query:
+            with torch.no_grad():
+                self.pool = self.model.encode_pool(cand_emb.to(self.device, torch.float32))
+            norms = cand_emb.float().norm(dim=1).clamp_min(1e-12) if settings.num_retrieval else None
+            self._global = _Pool(self.pool, cand_emb, norms)
 
     # -- public ----------------------------------------------------------------------------
 
-    def propose(self, query_ids: Sequence[int]) -> list[QueryProposals]:
-        """De-duplicated candidates for each query id (a training row), in the given order."""
-        ids = [int(q) for q in query_ids]
-        return [_deduplicate(q, [groups[m] for m in METHODS]) for q, groups in zip(ids, self.propose_by_method(ids))]
+    def propose(
+        self, query_ids: Sequence[int], pools: Sequence[Sequence[int]] | None = None
+    ) -> list[QueryProposals]:
+        """De-duplicated candidates for each query id (a training row), in the given order.
 
-    def propose_by_method(self, query_ids: Sequence[int]) -> list[dict[str, list[Candidate]]]:
+        `pools` (per-query mode only): each query's pool, global rows in pool order; the
+        candidates' pointers are then positions in it.
+        """
+        ids = [int(q) for q in query_ids]
+        own = [tuple(int(r) for r in p) for p in pools] if pools is not None else None
+        groups = self.propose_by_method(ids, own)
+        return [_deduplicate(q, [g[m] for m in METHODS], pool) for q, g, pool in zip(ids, groups, own or [None] * len(ids))]
+
+    def propose_by_method(
+        self, query_ids: Sequence[int], pools: Sequence[Sequence[int]] | None = None
+    ) -> list[dict[str, list[Candidate]]]:
         """Every method's candidates for each query, before de-duplication, batch by batch."""
         ids = [int(q) for q in query_ids]
         limit = min(self.query_emb.shape[0], self.pool_size)
         for q in ids:
             if not 0 <= q < limit:
                 raise InputError(None, f"query id {q} is out of range: the embeddings have {limit} rows")
+        if self.per_query != (pools is not None):
+            raise ValueError("per-query pools are given exactly when the proposer was made with per_query=True")
+        if pools is not None:
+            if len(pools) != len(ids):
+                raise ValueError(f"{len(pools)} pools for {len(ids)} queries")
+            return [self._propose_in_pool(q, [int(r) for r in rows]) for q, rows in zip(ids, pools)]
         result: list[dict[str, list[Candidate]]] = []
         for start in range(0, len(ids), self.query_batch_size):
-            result.extend(self._propose_batch(ids[start : start + self.query_batch_size]))
+            batch = ids[start : start + self.query_batch_size]
+            banned = [banned_rows(q, self._image_groups) for q in batch]
+            exclude = torch.tensor(batch, device=self.device)  # the query's own row takes no part in attention
+            result.extend(self._propose_batch(batch, self._global, banned, exclude))
         return result
 
     # -- one batch -------------------------------------------------------------------------
 
+    def _propose_in_pool(self, query_idx: int, rows: list[int]) -> dict[str, list[Candidate]]:
+        """One query over its own pool alone: pointers are positions in `rows`."""
+        if len(set(rows)) != len(rows) or any(not 0 <= r < self.pool_size for r in rows) or query_idx in rows:
+            raise InputError(None, f"query {query_idx}: its pool must be distinct rows in 0..{self.pool_size - 1} "
+                             "without the query itself")
+        emb = self.cand_emb[rows]
+        with torch.no_grad():
+            encoding = self.model.encode_pool(emb.to(self.device, torch.float32))
+        pool = _Pool(encoding, emb, emb.float().norm(dim=1).clamp_min(1e-12) if self.settings.num_retrieval else None)
+        same_image = set(self._image_groups.rows_like(query_idx)) if self._image_groups is not None else set()
+        banned = [i for i, row in enumerate(rows) if row in same_image]
+        (result,) = self._propose_batch([query_idx], pool, [banned], exclude=None)
+        return result
+
     @torch.no_grad()
-    def _propose_batch(self, ids: list[int]) -> list[dict[str, list[Candidate]]]:
+    def _propose_batch(
+        self, ids: list[int], pool: _Pool, banned: list[list[int]], exclude: Tensor | None
+    ) -> list[dict[str, list[Candidate]]]:
+        """Candidates of queries that share `pool`; `banned`: each query's pool rows never proposed,
+        `exclude`: each query's own row in the pool, left out of the attention (None: not in it)."""
         s = self.settings
-        banned = [self._banned_rows(q) for q in ids]
         for q, rows in zip(ids, banned):
-            if self.pool_size - len(rows) < s.shot_num:
-                raise InputError(None, f"query {q}: only {self.pool_size - len(rows)} pool rows are left after "
+            if pool.size - len(rows) < s.shot_num:
+                raise InputError(None, f"query {q}: only {pool.size - len(rows)} pool rows are left after "
                                  f"excluding the query (and its image), fewer than shot_num {s.shot_num}")
         generators = [query_generator(s.seed, q) for q in ids]
-        noise_size = _num_blocks(self.pool_size) + _block_size()
+        noise_size = _num_blocks(pool.size) + _block_size()
         uniforms = torch.stack([torch.rand(s.samples_per_query, s.shot_num, noise_size, generator=g,
                                            dtype=torch.float64) for g in generators])  # drawn first, per query
-        randoms = [[Candidate(_random_sequence(g, rows, self.pool_size, s.shot_num), "random")
+        randoms = [[Candidate(random_rows(g, rows, pool.size, s.shot_num), "random")
                     for _ in range(s.num_random)] for g, rows in zip(generators, banned)]
-        beams, samples = self._search(ids, banned, uniforms)
-        retrievals = self._retrieve(ids, banned)
+        beams, samples = self._search(ids, pool, banned, exclude, uniforms)
+        retrievals = self._retrieve(ids, pool, banned)
         return [dict(zip(METHODS, group)) for group in zip(beams, samples, randoms, retrievals)]
 
-    def _banned_rows(self, query_idx: int) -> list[int]:
-        """Pool rows never proposed for this query: itself, and its image's rows when asked."""
-        rows = {query_idx}
-        if self._image_groups is not None:
-            rows.update(self._image_groups.rows_like(query_idx))
-        return sorted(rows)
-
-    def _search(self, ids: list[int], banned: list[list[int]], uniforms: Tensor):
+    def _search(self, ids: list[int], pool: _Pool, banned: list[list[int]], exclude: Tensor | None, uniforms: Tensor):
         """Beam search and temperature sampling together: one streaming pool scan per step.
 
         Each step scores a set of "rows" (`_StepRows`): states whose next-pick distribution is
@@ -312,20 +376,19 @@ class Proposer:
         Q = len(ids)
         if s.num_beams == 0 and s.samples_per_query == 0:
             return [[] for _ in ids], [[] for _ in ids]
-        qidx = torch.tensor(ids, device=dev)
-        base = _pad_rows(banned, self.pool_size).to(dev)  # [Q, nb], padded with K (never inside a tile)
-        state0 = self.model.encode_queries(self.query_emb[ids].to(dev, torch.float32), self.pool, exclude=qidx)
+        base = _pad_rows(banned, pool.size).to(dev)  # [Q, nb], padded with K (never inside a tile)
+        state0 = self.model.encode_queries(self.query_emb[ids].to(dev, torch.float32), pool.encoding, exclude=exclude)
         beams = _Beams.start(state0) if s.num_beams else None
         samples = _Samples.start(state0, s.temps, s.num_samples_per_temp) if s.samples_per_query else None
         for t in range(s.shot_num):
-            step = self._first_rows(state0, base) if t == 0 else self._later_rows(beams, samples, base)
-            scan = self._scan_pool(step.rows, step.banned, step.beam_rows, s.num_beams)
+            step = self._first_rows(state0, base) if t == 0 else self._later_rows(beams, samples, base, pool.size)
+            scan = self._scan_pool(pool, step.rows, step.banned, step.beam_rows, s.num_beams)
             advance = t < s.shot_num - 1
             if beams is not None:
-                beams = self._beam_step(scan, step.rows, beams, advance)
+                beams = self._beam_step(pool, scan, step.rows, beams, advance)
             if samples is not None:
                 noise = uniforms[:, :, t].to(dev).reshape(len(step.draw_rows), -1, uniforms.shape[3])
-                samples = self._sample_step(scan, step, samples, _gumbel(noise), advance)
+                samples = self._sample_step(pool, scan, step, samples, _gumbel(noise), advance)
         return (
             [beams.candidates(i) for i in range(Q)] if beams is not None else [[] for _ in ids],
             [samples.candidates(i, s.temps, s.num_samples_per_temp) for i in range(Q)] if samples is not None
@@ -350,7 +413,7 @@ class Proposer:
             draw_rows=(torch.arange(Q, device=state0.device).unsqueeze(1) + first_row).flatten(),  # (q, T) order
         )
 
-    def _later_rows(self, beams: _Beams | None, samples: _Samples | None, base: Tensor) -> _StepRows:
+    def _later_rows(self, beams: _Beams | None, samples: _Samples | None, base: Tensor, pool_size: int) -> _StepRows:
         """Later steps: the beams' rows (query-major, T = 1), then one row per sample (at its T)."""
         rows, banned = [], []
         if beams is not None:
@@ -361,18 +424,18 @@ class Proposer:
             banned.append(_with_picks(base, samples.seq))
         nb = len(beams.state) if beams is not None else 0
         all_rows = torch.cat(rows)
-        return _StepRows(rows=all_rows, banned=_cat_padded(banned, self.pool_size), beam_rows=nb,
+        return _StepRows(rows=all_rows, banned=_cat_padded(banned, pool_size), beam_rows=nb,
                          draw_rows=torch.arange(nb, len(all_rows), device=base.device))
 
-    def _scan_pool(self, rows: Tensor, banned: Tensor, beam_rows: int, k: int) -> _Scan:
+    def _scan_pool(self, pool: _Pool, rows: Tensor, banned: Tensor, beam_rows: int, k: int) -> _Scan:
         """One pass over the pool in tiles: per-block log-sum-exp of every row, top-k of the first `beam_rows`."""
-        K = self.pool_size
+        K = pool.size
         block = _block_size()
         block_lse = []
         top = _RunningTopK(beam_rows, min(k, K), rows.device)
         for start in range(0, K, SCAN_CHUNK):
             stop = min(start + SCAN_CHUNK, K)
-            logits = self.model.step_logits(rows, self.pool, rows=slice(start, stop))  # [R, c]
+            logits = self.model.step_logits(rows, pool.encoding, rows=slice(start, stop))  # [R, c]
             _mask_tile(logits, banned, start)
             if beam_rows:
                 top.update(logits[:beam_rows], start)
@@ -380,7 +443,7 @@ class Proposer:
         return _Scan(block_lse=torch.cat(block_lse, dim=1), block=block, top_values=top.values,
                      top_indices=top.indices)
 
-    def _beam_step(self, scan: _Scan, rows: Tensor, beams: _Beams, advance: bool) -> _Beams:
+    def _beam_step(self, pool: _Pool, scan: _Scan, rows: Tensor, beams: _Beams, advance: bool) -> _Beams:
         """Extend every beam by its best rows, keep the best `num_beams` per query (top-k over beams x k).
 
         The beams' rows are the first Q x slots rows of the step (query-major), at T = 1.
@@ -399,21 +462,21 @@ class Proposer:
         state = beams.state
         if advance:
             parent_rows = (parent + torch.arange(Q, device=parent.device).unsqueeze(1) * slots).flatten()
-            state = self.model.advance(rows[parent_rows], picked.flatten(), self.pool)
+            state = self.model.advance(rows[parent_rows], picked.flatten(), pool.encoding)
         return _Beams(seq=torch.cat([seq, picked.unsqueeze(2)], dim=2), logp=best,
                       prob=beams.prob.gather(1, parent) + step_prob, state=state)
 
-    def _sample_step(self, scan: _Scan, step: _StepRows, samples: _Samples, gumbel: Tensor,
+    def _sample_step(self, pool: _Pool, scan: _Scan, step: _StepRows, samples: _Samples, gumbel: Tensor,
                      advance: bool) -> _Samples:
         """One more pick for every sample, drawn with the given noise [draw rows, picks per row, ...]."""
         Q, S = samples.logp.shape
-        picks, logp = self._draw(step, scan, gumbel)
+        picks, logp = self._draw(pool, step, scan, gumbel)
         picks, logp = picks.reshape(Q, S), logp.reshape(Q, S)  # same (T, sample) order at every step
-        state = self.model.advance(samples.state, picks.flatten(), self.pool) if advance else samples.state
+        state = self.model.advance(samples.state, picks.flatten(), pool.encoding) if advance else samples.state
         return _Samples(seq=torch.cat([samples.seq, picks.unsqueeze(2)], dim=2), logp=samples.logp + logp,
                         state=state, temp=samples.temp)
 
-    def _draw(self, step: _StepRows, scan: _Scan, gumbel: Tensor) -> tuple[Tensor, Tensor]:
+    def _draw(self, pool: _Pool, step: _StepRows, scan: _Scan, gumbel: Tensor) -> tuple[Tensor, Tensor]:
         """Draws [V, n] from the (tempered) distributions of `step.draw_rows`, and their log-probs.
 
         Two-level Gumbel-max with the noise `gumbel` [V, n, blocks + block]: level 1 picks the
@@ -432,25 +495,25 @@ class Proposer:
         for v, j in itertools.product(range(blocks.shape[0]), range(blocks.shape[1])):
             block, row = int(blocks[v, j]), int(step.draw_rows[v])
             start = block * scan.block
-            logits = self.model.step_logits(step.rows[row : row + 1], self.pool,
-                                            rows=slice(start, min(start + scan.block, self.pool_size)))
+            logits = self.model.step_logits(step.rows[row : row + 1], pool.encoding,
+                                            rows=slice(start, min(start + scan.block, pool.size)))
             _mask_tile(logits, step.banned[row : row + 1], start)
             local = int((logits[0].double() + gumbel[v, j, n_blocks : n_blocks + logits.shape[1]]).argmax())
             picks[v, j] = start + local
             logps[v, j] = logits[0, local] - lse[v]
         return picks, logps
 
-    def _retrieve(self, ids: list[int], banned: list[list[int]]) -> list[list[Candidate]]:
+    def _retrieve(self, ids: list[int], pool: _Pool, banned: list[list[int]]) -> list[list[Candidate]]:
         """The retrieval candidates (module docstring): top sets of rows by summed raw cosine."""
         n, shot = self.settings.num_retrieval, self.settings.shot_num
         if n == 0:
             return [[] for _ in ids]
         queries = F.normalize(self.query_emb[torch.tensor(ids)].float(), dim=1)
-        sims = (queries @ self.cand_emb.float().T) / self._cand_norms  # [Q, K]
+        sims = (queries @ pool.emb.float().T) / pool.norms  # [Q, K]
         result = []
         for i, rows in enumerate(banned):
             sims[i, rows] = float("-inf")
-            top = min(n + shot - 1, self.pool_size - len(rows))  # the best n sets use only these rows
+            top = min(n + shot - 1, pool.size - len(rows))  # the best n sets use only these rows
             if math.comb(top, shot) > MAX_RETRIEVAL_SETS:
                 raise InputError(None, f"num_retrieval {n} with shot_num {shot} would enumerate "
                                  f"{math.comb(top, shot)} sets; use fewer retrieval candidates")
@@ -487,8 +550,8 @@ class _RunningTopK:
         self.indices[hit] = torch.cat([self.indices[hit], local + start], dim=1).gather(1, which)
 
 
-class _ImageGroups:
-    """Which pool rows share an image, for `exclude_same_image`."""
+class ImageGroups:
+    """Which training rows share an image, for `exclude_same_image`."""
 
     def __init__(self, image_ids: Sequence[int], pool_size: int):
         ids = torch.as_tensor(list(image_ids), dtype=torch.long)
@@ -502,6 +565,15 @@ class _ImageGroups:
         lo = int(torch.searchsorted(self.sorted_ids, image))
         hi = int(torch.searchsorted(self.sorted_ids, image, right=True))
         return self.order[lo:hi].tolist()
+
+
+def banned_rows(query_idx: int, image_groups: ImageGroups | None) -> list[int]:
+    """Global rows never proposed for (nor put in the pool of) a query: itself, and its image's rows
+    when `exclude_same_image` asks (`image_groups` given)."""
+    rows = {query_idx}
+    if image_groups is not None:
+        rows.update(image_groups.rows_like(query_idx))
+    return sorted(rows)
 
 
 def _check_embeddings(model: PointerSelectorV2, query_emb: Tensor, cand_emb: Tensor) -> None:
@@ -559,8 +631,9 @@ def _mask_tile(logits: Tensor, banned: Tensor, start: int) -> None:
     logits[rows, local[rows, cols]] = float("-inf")
 
 
-def _random_sequence(generator: torch.Generator, banned: list[int], pool_size: int, shot: int) -> tuple[int, ...]:
-    """`shot` distinct rows drawn uniformly among the rows not banned (exact, no rejection loop).
+def random_rows(generator: torch.Generator, banned: Sequence[int], pool_size: int, shot: int) -> tuple[int, ...]:
+    """`shot` distinct rows of 0..pool_size-1 drawn uniformly among those not banned, in draw order
+    (exact, no rejection loop).
 
     Draw r uniform in [0, free rows) and map it to the r-th free row by stepping over the
     blocked rows in ascending order.
@@ -577,7 +650,7 @@ def _random_sequence(generator: torch.Generator, banned: list[int], pool_size: i
     return tuple(picked)
 
 
-def _deduplicate(query_idx: int, groups: list[list[Candidate]]) -> QueryProposals:
+def _deduplicate(query_idx: int, groups: list[list[Candidate]], pool: tuple[int, ...] | None = None) -> QueryProposals:
     """Keep the first candidate of each ordered sequence (groups come in priority order)."""
     seen: set[tuple[int, ...]] = set()
     kept: list[Candidate] = []
@@ -588,4 +661,4 @@ def _deduplicate(query_idx: int, groups: list[list[Candidate]]) -> QueryProposal
         else:
             seen.add(candidate.pointer)
             kept.append(candidate)
-    return QueryProposals(query_idx=query_idx, candidates=kept, duplicates_dropped=dropped)
+    return QueryProposals(query_idx=query_idx, candidates=kept, duplicates_dropped=dropped, pool=pool)

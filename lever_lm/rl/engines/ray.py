@@ -79,6 +79,7 @@ class WorkerSpec:
     config: dict
     batch_size: int | None
     eval_mode: str
+    gt_prob: bool
     device: str  # the worker's own view: Ray shows each worker only its GPUs, so CUDA is cuda:0
     block_size: int
     threads: int
@@ -108,7 +109,7 @@ class BlockWorker:
             config=spec.config,
             batch_size=spec.batch_size,
         )
-        self.scorer = BlockScorer(inputs, backend, spec.eval_mode, spec.device, spec.block_size)
+        self.scorer = BlockScorer(inputs, backend, spec.eval_mode, spec.device, spec.block_size, spec.gt_prob)
         return {
             "node": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
@@ -258,6 +259,7 @@ class RayEngine:
             config=request.config,
             batch_size=request.batch_size,
             eval_mode=request.eval_mode,
+            gt_prob=request.gt_prob,
             device=self.device,
             block_size=block_size,
             threads=CPUS_PER_WORKER,

@@ -12,9 +12,11 @@ Each prompt is `<image>Question:{q} Short answer:{a}<|endofchunk|>` per ICD, the
 perceiver run once; the cache keeps the 64 resampled latents on the model's device. A batch then
 only tokenizes (left padding), stacks each prompt's latents and calls `generate`.
 
-Scoring a given reply instead (its log-probability after the prompt) is one forward pass of
-`OpenFlamingo` over prompt + reply, reading the reply tokens' log-softmax: `_encode` gives the
-inputs, `model(...)` the logits.
+Asked for replies (`generate(prompts, replies)`, for `vqa_gt_prob`), each prompt's Generation
+also carries the teacher-forced log-probability of each reply: its tokens, then `<|endofchunk|>`
+(how the ICDs show an answer), after the prompt's tokens exactly as generation read them. That is
+one forward pass of `OpenFlamingo` per distinct (prompt, reply), batched: unlike the chat backends
+no cache is shared, so it costs about one prefill per reply.
 """
 
 from __future__ import annotations
@@ -26,20 +28,10 @@ from pathlib import Path
 import torch
 
 from lever_lm.errors import InputError
-from lever_lm.vqa.backends.base import (
-    BatchRunner,
-    DeviceOutOfMemory,
-    Failed,
-    Generation,
-    GenerationAborted,
-    default_dtype,
-    describe_numerics,
-    resolve_device,
-)
-from lever_lm.vqa.backends.memory import resolve_memory_settings
+from lever_lm.vqa.backends.base import Generation, default_dtype, describe_numerics, resolve_device
+from lever_lm.vqa.backends.batched import BatchedBackend
 from lever_lm.vqa.flamingo.generation import FlamingoForGeneration
 from lever_lm.vqa.flamingo.loading import LoadedFlamingo, clip_pixels, load_openflamingo, locate_files
-from lever_lm.vqa.images import ImageCache, UnreadableImage
 from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
 from lever_lm.vqa.prompts import FewShotPrompt, flamingo_text
 
@@ -49,88 +41,96 @@ FAMILY = "flamingo"
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A prompt ready to batch: its text and the cached latents of its images ([64, Dv] each)."""
+    """A prompt ready to batch: its text, the cached latents of its images ([64, Dv] each), and the
+    tokens of each reply to score (the reply's own tokens, then `<|endofchunk|>`; None: none asked)."""
 
     text: str
     media: tuple[torch.Tensor, ...]
+    reply_tokens: tuple[tuple[int, ...], ...] | None = None
 
 
-class FlamingoBackend:
+class FlamingoBackend(BatchedBackend):
     """Batched few-shot VQA with OpenFlamingo (see the module doc)."""
 
     def __init__(self, name: str, loaded: LoadedFlamingo, settings: VQAModelSettings, device: torch.device, path: Path):
-        self.name = name
-        self.settings = settings = resolve_memory_settings(settings, loaded.model, device)  # batch size, cache
-        self.device = device
-        self.model_path = path
-        self.model = loaded.model
+        super().__init__(name, loaded.model, settings, device, path)
         self.tokenizer = loaded.tokenizer
         self.image_size = loaded.image_size
         self.media_token_id = loaded.media_token_id
+        self.eoc_token_id = loaded.eoc_token_id
         self.generator = FlamingoForGeneration(loaded.model, loaded.eoc_token_id, loaded.pad_token_id)
         self.generation_kwargs = {
             "eos_token_id": loaded.eoc_token_id,
             "pad_token_id": loaded.pad_token_id,
-            **settings.generation,
+            **self.settings.generation,
         }
-        self.image_cache = ImageCache(self._prepare_image, max_bytes=settings.image_cache_mb * 2**20)
-        self.batch_runner = BatchRunner(device, settings.batch_size, on_out_of_memory=self.image_cache.shrink)
 
-    # -- the interface -------------------------------------------------------------------------
-
-    def generate(self, prompts: Sequence[FewShotPrompt]) -> list[Generation]:
-        """One Generation per prompt, same order, `settings.batch_size` prompts per generate call."""
-        results: list[Generation | None] = [None] * len(prompts)
-        size = self.batch_size
-        for start in range(0, len(prompts), size):
-            self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results)
-        return results  # type: ignore[return-value]
-
-    @property
-    def batch_size(self) -> int:
-        return self.settings.batch_size
-
-    def prefetch(self, prompts: Sequence[FewShotPrompt]) -> None:
-        """Nothing ahead of time here: each image is prepared when a batch first needs it."""
-
-    # -- batching ------------------------------------------------------------------------------
-
-    def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list) -> None:
-        ready: list[tuple[int, PreparedPrompt]] = []
-        for i in indices:
-            try:
-                ready.append((i, self._prepare(prompts[i])))
-            except UnreadableImage as error:
-                results[i] = Generation.failed(str(error))
-            except (GenerationAborted, DeviceOutOfMemory):
-                raise
-            except Exception as error:  # noqa: BLE001 -- e.g. an image the vision tower rejects: this prompt only
-                results[i] = Generation.failed(f"preparing the prompt failed: {type(error).__name__}: {error}")
-        if not ready:
-            return
-        outcomes = self.batch_runner.run_with_retry([prepared for _, prepared in ready], self._generate_texts)
-        for (i, _), outcome in zip(ready, outcomes):
-            failed = isinstance(outcome, Failed)
-            results[i] = Generation.failed(outcome.reason) if failed else Generation.from_raw(outcome)
-        self.batch_runner.observe([results[i].error for i in indices])
-
-    def _prepare(self, prompt: FewShotPrompt) -> PreparedPrompt:
+    def _prepare(self, prompt: FewShotPrompt, replies: Sequence[str] | None = None) -> PreparedPrompt:
         text = flamingo_text(prompt, self.settings.prompt)
-        return PreparedPrompt(text=text, media=tuple(self.image_cache.get(path) for path in prompt.images))
+        media = tuple(self.image_cache.get(path) for path in prompt.images)
+        return PreparedPrompt(text=text, media=media, reply_tokens=self._reply_tokens(replies))
 
-    def _prepare_image(self, image) -> torch.Tensor:
-        """What the cache keeps per image: its 64 resampled latents [64, Dv], on the model's device."""
+    def _reply_tokens(self, replies: Sequence[str] | None) -> tuple[tuple[int, ...], ...] | None:
+        """A reply as the model would write it after `Short answer:`: its own tokens, then the end of
+        the chunk (the ICDs show answers that way: `Short answer:{a}<|endofchunk|>`)."""
+        if replies is None:
+            return None
+        encode = self.tokenizer
+        return tuple(tuple(encode(r, add_special_tokens=False)["input_ids"]) + (self.eoc_token_id,) for r in replies)
+
+    def _process_image(self, image) -> torch.Tensor:
+        """Host side (thread-safe): CLIP's resize, crop and normalisation, [3, H, W]."""
+        return clip_pixels(image, self.image_size)
+
+    def _image_entry(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The image's 64 resampled latents [64, Dv], on the model's device (the tower runs alone)."""
         dtype = next(self.model.parameters()).dtype
-        pixels = clip_pixels(image, self.image_size)[None].to(device=self.device, dtype=dtype)
         with torch.inference_mode():
-            return self.model.encode_images(pixels)[0]
+            return self.model.encode_images(pixels[None].to(device=self.device, dtype=dtype))[0]
 
-    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[str]:
+    def _generate_texts(self, batch: list[PreparedPrompt]) -> list[Generation]:
         inputs = self._encode(batch)
         prompt_length = inputs["input_ids"].shape[1]
         with torch.inference_mode():
             output = self.generator.generate(**inputs, **self.generation_kwargs)
-        return self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+            logprobs = self._reply_logprobs(batch, inputs)
+        texts = self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+        return [Generation.from_raw(text, reply_logprobs=scores) for text, scores in zip(texts, logprobs)]
+
+    def _reply_logprobs(self, batch: list[PreparedPrompt], inputs: dict) -> list:
+        """Per prompt: the log-probability of each reply after it, by teacher forcing (one forward pass
+        over prompt + reply per distinct reply, the prompt's tokens exactly as generation read them)."""
+        rows = list(dict.fromkeys((b, tokens) for b, p in enumerate(batch) for tokens in p.reply_tokens or ()))
+        scores: dict[tuple[int, tuple[int, ...]], float] = {}
+        step = max(1, len(batch) * self.generation_kwargs.get("num_beams", 1))
+        for start in range(0, len(rows), step):
+            scores.update(zip(rows[start : start + step], self._score_rows(rows[start : start + step], inputs)))
+        return [
+            None if p.reply_tokens is None else tuple(scores[(b, tokens)] for tokens in p.reply_tokens)
+            for b, p in enumerate(batch)
+        ]
+
+    def _score_rows(self, rows: list[tuple[int, tuple[int, ...]]], inputs: dict) -> list[float]:
+        """Sum of the reply tokens' log-probabilities for each (prompt row, reply tokens), one batch."""
+        sequences = []
+        for b, tokens in rows:
+            prompt = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+            sequences.append(torch.cat([prompt, torch.tensor(tokens, device=self.device)]))
+        width = max(len(seq) for seq in sequences)
+        ids = torch.full((len(rows), width), self.generation_kwargs["pad_token_id"], device=self.device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for r, seq in enumerate(sequences):
+            ids[r, width - len(seq) :] = seq
+            mask[r, width - len(seq) :] = 1
+        picks = torch.tensor([b for b, _ in rows], device=self.device)
+        logits = self.model(ids, mask, inputs["media"][picks], inputs["media_mask"][picks])
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        out = []
+        for r, (_, tokens) in enumerate(rows):
+            n = len(tokens)
+            predicted = logprobs[r, width - n - 1 : width - 1]  # the logits before each reply token
+            out.append(float(predicted.gather(1, ids[r, width - n :, None]).sum()))
+        return out
 
     def _encode(self, batch: list[PreparedPrompt]) -> dict:
         """Left-padded token ids, and each prompt's image latents padded to the batch's most images."""
