@@ -17,7 +17,7 @@ if [ -n "${TORCH_INDEX:-}" ]; then
 else
     pip_install "$TORCH_SPEC"
 fi
-pip_install -e '.[test]'
+pip_install -e '.[test,ray]'
 # Never torchvision: it does not import beside this torch and breaks transformers' imports.
 if .venv/bin/python -m pip show torchvision >/dev/null 2>&1; then
     .venv/bin/python -m pip uninstall -y -q torchvision

@@ -11,10 +11,12 @@ if [ -n "${QUICK:-}" ]; then
     $PY benchmarks/bench_pools.py --items 9009 --queries 64 --repeats 1
     $PY benchmarks/bench_vqa_scoring.py --queries 8 --repeats 1
     $PY benchmarks/bench_gt_prob.py --queries 8 --repeats 3
+    $PY benchmarks/bench_ray_engine.py --queries 64 --repeats 1
 else
     $PY benchmarks/bench_metric.py
     $PY benchmarks/bench_proposals.py
     $PY benchmarks/bench_pools.py
     $PY benchmarks/bench_vqa_scoring.py
     $PY benchmarks/bench_gt_prob.py
+    $PY benchmarks/bench_ray_engine.py
 fi

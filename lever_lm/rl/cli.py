@@ -31,7 +31,7 @@ from lever_lm.models.v3.pools import POOL_MODES, SAMPLERS, PoolSettings
 from lever_lm.models.v3.proposals import ProposalSettings
 from lever_lm.rl.blocks import PROPOSAL_BLOCK
 from lever_lm.rl.generate import run_generation
-from lever_lm.rl.request import GenerationRequest
+from lever_lm.rl.request import ENGINES, GenerationRequest
 from lever_lm.vqa.backends import available_backends
 from lever_lm.vqa.backends.base import GenerationAborted
 from lever_lm.vqa.metric import MODES
@@ -131,6 +131,24 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
         help="queries proposed together; the unit of sharding (part of the journal fingerprint)",
     )
     more.add_argument("--journal_dir", type=Path, help="journal directory (default: <output_path>.journal)")
+    more.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=REQUEST["engine"],
+        help="local: this process; ray: Ray actors on many GPUs and machines (pip install '.[ray]')",
+    )
+    more.add_argument(
+        "--ray_address",
+        help="with --engine ray: none starts Ray on this machine; auto, HOST:PORT or ray://HOST:PORT joins a cluster",
+    )
+    more.add_argument(
+        "--num_workers", type=int, help="with --engine ray: workers (default: every GPU of the cluster on CUDA, else 1)"
+    )
+    more.add_argument(
+        "--gpus_per_worker",
+        type=float,
+        help="with --engine ray: GPUs per worker; a fraction packs small models (default: 1 on CUDA, 0 on CPU)",
+    )
     more.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
@@ -173,6 +191,10 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         journal_dir=args.journal_dir,
         merge_only=args.merge,
         progress=not args.no_progress,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        num_workers=args.num_workers,
+        gpus_per_worker=args.gpus_per_worker,
     )
 
 

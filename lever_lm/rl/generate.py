@@ -17,6 +17,7 @@ blocks are proposed whole and their VQA batches are cut from the whole block.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
@@ -55,6 +56,7 @@ class RunSummary:
     seconds: float = 0.0
     final: dict | None = None
     output_path: Path | None = None
+    engine: dict | None = None  # the Ray engine's timings and each worker's counts and timings
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,25 @@ def run_shard(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
     request, inputs = plan.request, plan.inputs
     spec = plan.journal_spec(request.shard_id)
     wanted = set(inputs.queries)  # --limit keeps the first N queries
-    with Journal.open(plan.journal_path(request.shard_id).parent, spec) as journal:
+    engine = _connect_engine(request)  # a bad Ray address or cluster stops the run before anything is written
+    with engine, Journal.open(plan.journal_path(request.shard_id).parent, spec) as journal:
         done, retry = journal.done() & wanted, journal.incomplete() & wanted
         total = sum(1 for q in spec.queries if q in wanted)
         summary = RunSummary(plan.fingerprint, journal.path, total, len(done), queries_retried=len(retry))
         _log_journal_state(plan, journal, summary)
         todo = {q for q in spec.queries if q in wanted} - done
-        if todo:
+
+        def journal_result(result: QueryResult) -> None:
+            journal.append(result.query_idx, result.entry, result.stats)
+            summary.queries_processed += 1
+            summary.candidates_processed += len(result.entry["pointer_candidates"])
+            if result.query_error:
+                log.warning("query %d is left out of the output: %s", result.query_idx, result.query_error)
+
+        if todo and request.engine == "ray":
+            summary.engine = engine.run(inputs, plan.settings, spec.queries, todo, plan.block_size, journal_result)
+            summary.batch_size = summary.engine["batch_size"]
+        elif todo:
             backend = backend or load_backend(
                 request.vqa_model,
                 model_path=request.vqa_model_path,
@@ -136,16 +150,17 @@ def run_shard(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
             )
             summary.batch_size = backend.batch_size
             scorer = BlockScorer(inputs, backend, request.eval_mode, request.device, plan.block_size, request.gt_prob)
-
-            def journal_result(result: QueryResult) -> None:
-                journal.append(result.query_idx, result.entry, result.stats)
-                summary.queries_processed += 1
-                summary.candidates_processed += len(result.entry["pointer_candidates"])
-                if result.query_error:
-                    log.warning("query %d is left out of the output: %s", result.query_idx, result.query_error)
-
             run_local(scorer, spec.queries, todo, plan.block_size, journal_result, progress=request.progress)
     return summary
+
+
+def _connect_engine(request: GenerationRequest) -> contextlib.AbstractContextManager:
+    """The Ray engine, connected to its cluster; nothing to open for the local engine (which never imports ray)."""
+    if request.engine != "ray":
+        return contextlib.nullcontext()
+    from lever_lm.rl.engines.ray import RayEngine
+
+    return RayEngine(request)
 
 
 def _log_journal_state(plan: RunPlan, journal: Journal, summary: RunSummary) -> None:
@@ -206,6 +221,7 @@ def run_meta(plan: RunPlan, journals: list[Path], summary: RunSummary) -> dict:
             "candidates_processed_this_run": summary.candidates_processed,
             "queries_retried_this_run": summary.queries_retried,
         },
+        "engine": summary.engine,
         "run": {
             "device": request.device,
             "batch_size": summary.batch_size,

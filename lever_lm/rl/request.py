@@ -19,6 +19,8 @@ from lever_lm.models.v3.proposals import ProposalSettings
 from lever_lm.vqa.backends.base import resolve_device
 from lever_lm.vqa.metric import MODES
 
+ENGINES = ("local", "ray")
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -49,6 +51,10 @@ class GenerationRequest:
     journal_dir: Path | None = None
     merge_only: bool = False
     progress: bool = True
+    engine: str = "local"  # local | ray (lever_lm.rl.engines); never part of the fingerprint
+    ray_address: str | None = None  # None: start Ray here; "auto", HOST:PORT or ray://HOST:PORT: join a cluster
+    num_workers: int | None = None  # None: every GPU of the Ray cluster on CUDA, else 1
+    gpus_per_worker: float | None = None  # None: 1 on CUDA, 0 on CPU; fractions pack small models
 
     def journal_root(self) -> Path:
         return self.journal_dir or self.output_path.with_name(self.output_path.name + ".journal")
@@ -68,9 +74,28 @@ def check_request(request: GenerationRequest) -> None:
         raise InputError(None, "give both --val_ques_path and --val_ann_path, or neither")
     if request.eval_mode not in MODES:
         raise InputError(None, f"--eval_mode must be one of {', '.join(MODES)}")
+    _check_engine(request)
     check_output_location(request.output_path, request.journal_root())
-    if not request.merge_only:
+    if not request.merge_only and request.engine == "local":
         resolve_device(request.device)  # a missing GPU is reported before anything is written
+
+
+def _check_engine(request: GenerationRequest) -> None:
+    """The engine flags; the Ray cluster itself (address, GPUs) is checked when the engine connects."""
+    if request.engine not in ENGINES:
+        raise InputError(None, f"--engine must be one of {', '.join(ENGINES)} (got {request.engine!r})")
+    ray_flags = {"--ray_address": request.ray_address, "--num_workers": request.num_workers,
+                 "--gpus_per_worker": request.gpus_per_worker}  # fmt: skip
+    given = [flag for flag, value in ray_flags.items() if value is not None]
+    if request.engine != "ray" and given:
+        raise InputError(None, f"{', '.join(given)} only apply with --engine ray")
+    if request.num_workers is not None and request.num_workers < 1:
+        raise InputError(None, f"--num_workers must be >= 1 (got {request.num_workers})")
+    gpus = request.gpus_per_worker
+    if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
+        raise InputError(None, f"--gpus_per_worker must be a fraction in [0, 1] or a whole number (got {gpus:g})")
+    if gpus == 0 and request.device.startswith("cuda"):
+        raise InputError(None, f"--gpus_per_worker 0 with --device {request.device}: the workers would see no GPU")
 
 
 def check_output_location(output_path: Path, journal_root: Path) -> None:
