@@ -38,8 +38,9 @@ from lever_lm.models.v2.pointer_selector import PointerSelectorV2, PoolEncoding 
 from lever_lm.models.v3.proposals import ProposalSettings, Proposer, query_generator  # noqa: E402
 
 
-def loop_baseline(model: PointerSelectorV2, pool: PoolEncoding, query_emb: torch.Tensor, query_idx: int,
-                  settings: ProposalSettings) -> list[tuple[list[int], float, float]]:
+def loop_baseline(
+    model: PointerSelectorV2, pool: PoolEncoding, query_emb: torch.Tensor, query_idx: int, settings: ProposalSettings
+) -> list[tuple[list[int], float, float]]:
     """Lineage-style proposals for one query; returns the beams as (pointer, logprob, prob sum)."""
     K = pool.size
     q = torch.tensor([query_idx])
@@ -57,8 +58,10 @@ def loop_baseline(model: PointerSelectorV2, pool: PoolEncoding, query_emb: torch
                     continue
                 expansions.append((pointer + [idx], logprob + log_probs[idx].item(), prob + probs[idx].item(), state))
         expansions.sort(key=lambda e: e[1], reverse=True)
-        beams = [(p, lp, pr, model.advance(st, torch.tensor([p[-1]]), pool)) for p, lp, pr, st in
-                 expansions[: settings.num_beams]]
+        beams = [
+            (p, lp, pr, model.advance(st, torch.tensor([p[-1]]), pool))
+            for p, lp, pr, st in expansions[: settings.num_beams]
+        ]
     # temperature samples, one sequence and one step at a time
     generator = query_generator(settings.seed, query_idx)
     for temp in settings.temps:
@@ -102,11 +105,15 @@ def bench_pool(K: int, args: argparse.Namespace, settings: ProposalSettings) -> 
         [list(c.pointer) for c in p.candidates if c.gen_method == "beam"] == [b[0] for b in beams]
         for p, beams in zip(proposals, baseline)
     )
-    print(f"K = {K:,}  d = {args.dim}  h = {args.hidden}  gate  shot {settings.shot_num}  "
-          f"batch {args.batch_size}  threads {torch.get_num_threads()}")
+    print(
+        f"K = {K:,}  d = {args.dim}  h = {args.hidden}  gate  shot {settings.shot_num}  "
+        f"batch {args.batch_size}  threads {torch.get_num_threads()}"
+    )
     print(f"  encode pool (once)      {encode_s:8.2f} s")
-    print(f"  fast, per query         {fast_s * 1e3:8.1f} ms   (best of {args.repeats} runs of {len(queries)} queries; "
-          f"CPU time {fast_cpu * 1e3:.1f} ms; {n_candidates:.1f} candidates/query after de-dup)")
+    print(
+        f"  fast, per query         {fast_s * 1e3:8.1f} ms   (best of {args.repeats} runs of {len(queries)} queries; "
+        f"CPU time {fast_cpu * 1e3:.1f} ms; {n_candidates:.1f} candidates/query after de-dup)"
+    )
     print(f"    all runs (wall ms)    {'  '.join(f'{w * 1e3:.1f}' for w, _ in runs)}")
     print(f"  loop baseline, per query{base_s * 1e3:9.1f} ms   ({len(baseline_ids)} queries)")
     print(f"  speed-up                {base_s / fast_s:8.0f} x   (beams identical to baseline: {same})")
@@ -138,8 +145,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = ProposalSettings()  # the seed's defaults: 5 beams, temps 1.0 1.3 x 2, 1 random, shot 2
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, torch {torch.__version__}")
+    print(
+        f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, torch {torch.__version__}"
+    )
     for K in args.pool_sizes:
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         bench_pool(K, args, settings)

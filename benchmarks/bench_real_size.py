@@ -87,7 +87,7 @@ def instrument(model, device: torch.device, times_ref: list[ForwardTimes]) -> No
         sync()
         seconds = time.perf_counter() - start
         times = times_ref[0]
-        rows, length = (input_ids.shape if input_ids is not None else (0, 0))
+        rows, length = input_ids.shape if input_ids is not None else (0, 0)
         if length > 1:
             times.prefill_s += seconds
             times.prefill_calls += 1

@@ -140,7 +140,9 @@ def step_resume(args) -> None:
     if output.exists() and reference.exists():
         figures["byte_identical"] = output.read_bytes() == reference.read_bytes()
         a, b = json.loads(reference.read_text()), json.loads(output.read_text())
-        pairs = [(x, y) for q in a for x, y in zip(a[q]["pointer_candidates"], b.get(q, {}).get("pointer_candidates", []))]
+        pairs = [
+            (x, y) for q in a for x, y in zip(a[q]["pointer_candidates"], b.get(q, {}).get("pointer_candidates", []))
+        ]
         figures["candidates"] = len(pairs)
         figures["answers_differing"] = sum(x["vqa_raw_generation"] != y["vqa_raw_generation"] for x, y in pairs)
     record(out, "resume", figures)
@@ -168,7 +170,9 @@ def drill_child(args) -> None:
     )
     backend = real_size.random_weight_backend(model, processor, args.device, batch_size=4)
     photos = real_size.write_photos(work / "drill_photos", 4)
-    prompts = [FewShotPrompt((Shot(photos[i], "What is it?", "a dog"),), Shot(photos[i + 1], "What?")) for i in range(3)]
+    prompts = [
+        FewShotPrompt((Shot(photos[i], "What is it?", "a dog"),), Shot(photos[i + 1], "What?")) for i in range(3)
+    ]
     real_encode, calls = backend._encode, []
 
     def poisoned(batch):
@@ -200,7 +204,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--items", type=int, default=ITEMS, help="data set size (OK-VQA's training set: 9,009)")
     parser.add_argument("--queries", type=int, default=QUERIES)
-    parser.add_argument("--kill_after", type=int, default=KILL_AFTER_LINES, help="resume: kill at this many journal lines")
+    parser.add_argument(
+        "--kill_after", type=int, default=KILL_AFTER_LINES, help="resume: kill at this many journal lines"
+    )
     parser.add_argument("--narrow", action="store_true", help="narrow widths: a smoke test of the script on a CPU")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

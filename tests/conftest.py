@@ -92,4 +92,6 @@ def rl_inputs(demo_dir: Path, tmp_path_factory) -> RLInputs:
         beam, embeddings, hidden_dim=32, num_layers=1, use_gate=True, epochs=5, lr=3e-3, batch_size=32, seed=0
     )
     save_pointer_checkpoint(model, out / "sft.ckpt")
-    return RLInputs(demo_dir, out / "query_embeddings.pt", out / "candidate_embeddings.pt", out / "beam.json", out / "sft.ckpt")
+    return RLInputs(
+        demo_dir, out / "query_embeddings.pt", out / "candidate_embeddings.pt", out / "beam.json", out / "sft.ckpt"
+    )

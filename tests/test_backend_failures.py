@@ -200,7 +200,12 @@ def test_a_batch_runner_keeps_failures_as_strings():
             raise KeyError("two")
         return [f"ok {i}" for i in items]
 
-    assert runner.run_with_retry([1, 2, 3, 4], run) == ["ok 1", Failed("generation failed: KeyError: 'two'"), "ok 3", "ok 4"]
+    assert runner.run_with_retry([1, 2, 3, 4], run) == [
+        "ok 1",
+        Failed("generation failed: KeyError: 'two'"),
+        "ok 3",
+        "ok 4",
+    ]
 
 
 def test_prefetch_fills_the_cache_ahead_and_changes_no_answer(model_dir, prompts, reference, tmp_path):
@@ -264,7 +269,7 @@ def test_a_broken_gpu_stops_the_generator_and_the_journal_keeps_what_finished(rl
     rows = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
     records = [row for row in rows if "pointer_candidates" in json.dumps(row)]
     assert records, "queries finished before the failure are journaled"
-    assert "eval_failed\": true" not in journal.read_text()
+    assert 'eval_failed": true' not in journal.read_text()
 
 
 def test_auto_batch_size_and_cache_from_free_memory():
@@ -315,6 +320,9 @@ def test_the_vision_tower_can_have_its_own_attention(model_dir):
     assert attention_in_use(backend.model) == {"text": "sdpa", "vision": "eager"}
     assert type(backend.processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
     described = describe_settings(
-        "qwen2.5_vl_3B", model_path=str(model_dir), config={"vqa_model": {"vision_attn_implementation": "eager"}}, device="cpu"
+        "qwen2.5_vl_3B",
+        model_path=str(model_dir),
+        config={"vqa_model": {"vision_attn_implementation": "eager"}},
+        device="cpu",
     )
     assert described["numerics"]["attn_implementation"] == {"vision_config": "eager", "text_config": None}

@@ -57,8 +57,10 @@ def test_save_then_load_round_trips(tmp_path):
         ({"7": {"id_list": [[3, 1, 7]]}}, "'score_list' must be a list of numbers"),
         ({"7": {"score_list": []}}, "'id_list' must be a non-empty list"),
         ({"7": [3, 1, 7]}, "expected an object with 'id_list'"),
-        ('{"7": {"id_list": [[3, 1, 7]], "score_list": [0]}, "7": {"id_list": [[3, 1, 7]], "score_list": [0]}}',
-         "key '7' appears twice"),
+        (
+            '{"7": {"id_list": [[3, 1, 7]], "score_list": [0]}, "7": {"id_list": [[3, 1, 7]], "score_list": [0]}}',
+            "key '7' appears twice",
+        ),
     ],
 )
 def test_bad_beam_data_names_the_file_and_the_problem(tmp_path, data, message):

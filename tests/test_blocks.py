@@ -73,7 +73,11 @@ def test_chunks_mix_queries_and_results_come_in_block_order(inputs):
     assert len({q for q, _ in backend.calls[0]}) > 1 or sizes[0] >= 5, "a chunk holds several queries' candidates"
     flat = [(q, shots) for call in backend.calls for q, shots in call]
     image = inputs.dataset.image_path
-    expected = [(image(r.query_idx).name, tuple(image(i).name for i in c["pointer"])) for r in results for c in r.entry["pointer_candidates"]]
+    expected = [
+        (image(r.query_idx).name, tuple(image(i).name for i in c["pointer"]))
+        for r in results
+        for c in r.entry["pointer_candidates"]
+    ]
     assert flat == expected, "prompts follow the block's candidates, query by query"
 
 
@@ -96,7 +100,11 @@ def test_a_failed_generation_fails_its_candidate_only(inputs):
     clean = list(BlockScorer(inputs, RecordingBackend(4), "always", "cpu", 12).run(inputs.queries, set(inputs.queries)))
     victim = clean[0].entry["pointer_candidates"][0]["pointer"][0]
     bad_image = inputs.dataset.image_path(victim).name
-    results = list(BlockScorer(inputs, RecordingBackend(4, {bad_image}), "always", "cpu", 12).run(inputs.queries, set(inputs.queries)))
+    results = list(
+        BlockScorer(inputs, RecordingBackend(4, {bad_image}), "always", "cpu", 12).run(
+            inputs.queries, set(inputs.queries)
+        )
+    )
     for good, got in zip(clean, results):
         for a, b in zip(good.entry["pointer_candidates"], got.entry["pointer_candidates"]):
             if inputs.dataset.image_path(a["pointer"][0]).name == bad_image:

@@ -58,7 +58,7 @@ def test_dotenv_sets_variables_and_the_real_environment_wins(tmp_path):
     a = _touch_okvqa(tmp_path / "a")
     b = _touch_okvqa(tmp_path / "b")
     (tmp_path / ".env").write_text(
-        f"# data\nexport OKVQA_PATH=\"{tmp_path / 'a'}\"\nCOCO_PATH={tmp_path / 'a'}  # images\n\nNOT A LINE\n"
+        f'# data\nexport OKVQA_PATH="{tmp_path / "a"}"\nCOCO_PATH={tmp_path / "a"}  # images\n\nNOT A LINE\n'
     )
     assert read_dotenv(tmp_path / ".env") == {"OKVQA_PATH": str(tmp_path / "a"), "COCO_PATH": str(tmp_path / "a")}
     assert resolve_dataset_paths("okvqa_local", NO_FLAGS, {}, env={}, dotenv_dir=tmp_path) == a
@@ -72,7 +72,9 @@ def test_missing_variable_says_which_to_set(tmp_path):
         resolve_dataset_paths("okvqa_local", NO_FLAGS, {}, env={}, dotenv_dir=tmp_path)
     _touch_okvqa(tmp_path / "ok")
     with pytest.raises(InputError, match=r"needs \$COCO_PATH .* for train_image_root"):
-        resolve_dataset_paths("okvqa_local", NO_FLAGS, {}, env={"OKVQA_PATH": str(tmp_path / "ok")}, dotenv_dir=tmp_path)
+        resolve_dataset_paths(
+            "okvqa_local", NO_FLAGS, {}, env={"OKVQA_PATH": str(tmp_path / "ok")}, dotenv_dir=tmp_path
+        )
 
 
 def test_missing_file_names_the_path_and_its_source(tmp_path):

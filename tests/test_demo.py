@@ -84,7 +84,10 @@ def test_tiny_qwen_reloads_and_generates_a_batch_of_multi_image_prompts(demo_dir
     def chat(n_images: int) -> str:
         content = []
         for i in range(n_images):
-            content += [{"type": "image"}, {"type": "text", "text": f"Question:What color? Short answer:{'red' if i < n_images - 1 else ''}"}]
+            content += [
+                {"type": "image"},
+                {"type": "text", "text": f"Question:What color? Short answer:{'red' if i < n_images - 1 else ''}"},
+            ]
         messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": content}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

@@ -96,7 +96,9 @@ def test_gt_prob_carries_the_signal_of_accuracy_and_more(repo: Path):
 def test_exp_run_with_other_temperatures(repo: Path):
     dvc(repo, "exp", "run", "-S", "temps=[0.7,1.0,1.3]")
     data = json.loads((repo / "data/rl/rl_data.json").read_text())
-    temperatures = {c["temperature"] for e in data.values() for c in e["pointer_candidates"] if c["gen_method"] == "sample"}
+    temperatures = {
+        c["temperature"] for e in data.values() for c in e["pointer_candidates"] if c["gen_method"] == "sample"
+    }
     assert 0.7 in temperatures and 1.3 in temperatures
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
@@ -117,7 +119,9 @@ def test_exp_run_with_per_query_pools(repo: Path):
     per_query = [r for r in runs if r["params"]["params.yaml"]["data"]["pool"] == "per_query"]
     assert per_query and "non_flat" in per_query[0]["metrics"]["data/rl/metrics.json"]["data"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "pool": "global"}, sort_keys=False))  # for the next tests
+    (repo / "params.yaml").write_text(
+        yaml.safe_dump({**params, "pool": "global"}, sort_keys=False)
+    )  # for the next tests
 
 
 def test_an_interrupted_generation_resumes_under_repro(repo: Path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lever_lm.data.embeddings import check_embedding_pair, load_embeddings, save_embeddings
-from lever_lm.io import atomic_output
 from lever_lm.errors import InputError
+from lever_lm.io import atomic_output
 
 
 def test_round_trip_is_float32_and_byte_reproducible(tmp_path):
@@ -45,7 +45,11 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
         (torch.ones(4), None, r"expected a 2-D tensor \[N, d\], found shape \[4\]"),
         (torch.ones(3, 2, dtype=torch.long), None, "expected floating-point"),
         (torch.ones(3, 2), 4, "has 3 rows but the data set has 4 items"),
-        (torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [float("inf"), 1.0]]), 3, "2 rows hold NaN or Inf .first: row 1"),
+        (
+            torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [float("inf"), 1.0]]),
+            3,
+            "2 rows hold NaN or Inf .first: row 1",
+        ),
     ],
 )
 def test_bad_embeddings_name_the_file_and_the_problem(tmp_path, content, num_items, message):

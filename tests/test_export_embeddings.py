@@ -35,7 +35,9 @@ def demo(demo_dir):
 def _embed_alone(model, processor, dataset, idx) -> torch.Tensor:
     """The docs/formats.md §3.3 formula for one item, straight through the model."""
     with torch.no_grad():
-        pixels = processor.image_processor(images=[read_rgb_image(dataset.image_path(idx))], return_tensors="pt")["pixel_values"]
+        pixels = processor.image_processor(images=[read_rgb_image(dataset.image_path(idx))], return_tensors="pt")[
+            "pixel_values"
+        ]
         image = model.get_image_features(pixel_values=pixels).pooler_output[0]
         tokens = processor.tokenizer([dataset[idx].question], return_tensors="pt")
         text = model.get_text_features(**tokens).pooler_output[0]
@@ -63,7 +65,18 @@ def test_batch_size_does_not_change_the_result(demo):
 def test_cli_writes_identical_query_and_candidate_files(demo, tmp_path):
     split, dataset, clip_dir, embeddings = demo
     out = tmp_path / "emb"
-    main([*_split_args(split), "--clip_model", str(clip_dir), "--output_dir", str(out), "--device", "cpu", "--no_progress"])
+    main(
+        [
+            *_split_args(split),
+            "--clip_model",
+            str(clip_dir),
+            "--output_dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--no_progress",
+        ]
+    )
     query, cand = out / "query_embeddings.pt", out / "candidate_embeddings.pt"
     assert query.read_bytes() == cand.read_bytes()
     torch.testing.assert_close(load_embeddings(query, num_items=len(dataset)), embeddings)
@@ -116,7 +129,16 @@ def test_unreadable_model_directory_is_a_clear_error(demo, demo_dir, tmp_path, c
     ]
     for model_dir, message in cases:
         with pytest.raises(SystemExit) as exit_:
-            main([*_split_args(split), "--clip_model", str(model_dir), "--output_dir", str(tmp_path / "o"), "--no_progress"])
+            main(
+                [
+                    *_split_args(split),
+                    "--clip_model",
+                    str(model_dir),
+                    "--output_dir",
+                    str(tmp_path / "o"),
+                    "--no_progress",
+                ]
+            )
         assert exit_.value.code == 2
         assert f"error: {model_dir}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -100,7 +100,12 @@ def test_a_rerun_with_the_same_settings_uses_no_model_and_rewrites_the_same_byte
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, rl_inputs, tmp_path):
     output = tmp_path / "rl.json"
-    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output)]  # the reference's batch size: vqa_gt_prob's last bits depend on it
+    cmd = [
+        sys.executable,
+        "-m",
+        "lever_lm.models.v3.generate_rl_data",
+        *argv(rl_inputs, output),
+    ]  # the reference's batch size: vqa_gt_prob's last bits depend on it
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal_lines = 0
     deadline = time.time() + 120
@@ -203,8 +208,14 @@ def test_queries_are_scored_with_the_val_annotations_that_hold_them(reference, r
     data = load_rl_data(reference)
     query = data[next(iter(data))]["query"]
     answers = [{"answer": "zebra", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]
-    annotations = {"annotations": [{"question_id": query["question_id"], "image_id": query["image_id"], "answers": answers}]}
-    questions = {"questions": [{"question_id": query["question_id"], "image_id": query["image_id"], "question": query["question"]}]}
+    annotations = {
+        "annotations": [{"question_id": query["question_id"], "image_id": query["image_id"], "answers": answers}]
+    }
+    questions = {
+        "questions": [
+            {"question_id": query["question_id"], "image_id": query["image_id"], "question": query["question"]}
+        ]
+    }
     (tmp_path / "a.json").write_text(json.dumps(annotations))
     (tmp_path / "q.json").write_text(json.dumps(questions))
     output = tmp_path / "rl.json"
@@ -300,7 +311,12 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(reference, rl_inputs, tmp
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_run_with_one_line_and_a_rerun_resumes(reference, rl_inputs, tmp_path, signum, code):
     output = tmp_path / "rl.json"
-    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output)]  # the reference's batch size: vqa_gt_prob's last bits depend on it
+    cmd = [
+        sys.executable,
+        "-m",
+        "lever_lm.models.v3.generate_rl_data",
+        *argv(rl_inputs, output),
+    ]  # the reference's batch size: vqa_gt_prob's last bits depend on it
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:

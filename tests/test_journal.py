@@ -47,7 +47,13 @@ def entry(query_idx: int, failed: bool = False, answer: str = "red") -> dict:
     }
     if failed:
         candidate["eval_error"] = "cannot read image"
-    query = {"query_id": query_idx, "question_id": 100 + query_idx, "image_id": 1, "question": "q?", "gt_answers_raw": ["a"]}
+    query = {
+        "query_id": query_idx,
+        "question_id": 100 + query_idx,
+        "image_id": 1,
+        "question": "q?",
+        "gt_answers_raw": ["a"],
+    }
     return {"query": query, "pointer_candidates": [candidate]}
 
 
@@ -119,8 +125,14 @@ def _record_line(record: dict) -> bytes:
     "record, problem",
     [
         ({"query_idx": 3, "attempt": 0, "entry": entry(3), "stats": {}}, "not one of this shard's queries"),
-        ({"query_idx": "2", "attempt": 0, "entry": entry(2), "stats": {}}, "'query_idx' must be a non-negative integer"),
-        ({"query_idx": 2, "attempt": 0, "entry": {}, "stats": {}}, "entry must be an object with a 'pointer_candidates'"),
+        (
+            {"query_idx": "2", "attempt": 0, "entry": entry(2), "stats": {}},
+            "'query_idx' must be a non-negative integer",
+        ),
+        (
+            {"query_idx": 2, "attempt": 0, "entry": {}, "stats": {}},
+            "entry must be an object with a 'pointer_candidates'",
+        ),
         ({"query_idx": 2, "attempt": 0, "entry": entry(5), "stats": {}}, "query.query_id is 5"),
         ({"query_idx": 2, "attempt": 0, "entry": {**entry(2), "pointer_candidates": []}, "stats": {}}, "no candidates"),
         ({"query_idx": 1, "attempt": 0, "entry": entry(1), "stats": {}}, "query 1 appears twice"),
@@ -130,7 +142,9 @@ def test_lines_that_break_the_schema_or_the_shard_are_refused(tmp_path: Path, re
     with Journal.open(tmp_path, SPEC) as journal:
         journal.append(1, entry(1))
         path = journal.path
-    path.write_bytes(path.read_bytes() + _record_line(record) + _record_line({**record, "query_idx": 7, "entry": entry(7)}))
+    path.write_bytes(
+        path.read_bytes() + _record_line(record) + _record_line({**record, "query_idx": 7, "entry": entry(7)})
+    )
     with pytest.raises(InputError, match=problem):
         Journal.open(tmp_path, SPEC)
 
@@ -192,9 +206,17 @@ def test_list_reports_corrupt_journals_and_prune_keeps_the_named_and_the_locked(
         with Journal.open(tmp_path / name, SPEC) as journal:
             journal.append(1, entry(1))
     damaged = tmp_path / "bbb" / "shard-0-of-1.jsonl"
-    damaged.write_bytes(damaged.read_bytes() + b"garbage\n" + _record_line({"query_idx": 2, "attempt": 0, "entry": entry(2), "stats": {}}))
+    damaged.write_bytes(
+        damaged.read_bytes()
+        + b"garbage\n"
+        + _record_line({"query_idx": 2, "attempt": 0, "entry": entry(2), "stats": {}})
+    )
     summaries = {s["fingerprint"]: s["shards"]["shard-0-of-1.jsonl"] for s in list_journals(tmp_path)}
-    assert summaries == {"aaa": "1 of 4 queries", "bbb": "corrupt: line 3 is corrupt (Expecting value: line 1 column 1 (char 0))", "ccc": "1 of 4 queries"}
+    assert summaries == {
+        "aaa": "1 of 4 queries",
+        "bbb": "corrupt: line 3 is corrupt (Expecting value: line 1 column 1 (char 0))",
+        "ccc": "1 of 4 queries",
+    }
     main(["list", str(tmp_path)])
     assert "corrupt" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:

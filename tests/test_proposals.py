@@ -22,8 +22,8 @@ from lever_lm.models.v3.proposals import (
     ProposalSettings,
     Proposer,
     _deduplicate,
-    random_rows,
     query_generator,
+    random_rows,
 )
 
 D, H = 12, 8
@@ -198,7 +198,8 @@ def test_exclude_same_image():
     logprob = torch.log_softmax(step, dim=-1).gather(2, labels.unsqueeze(2)).squeeze(2).sum(1)
     order = logprob.argsort(descending=True)[:3]
     (got,) = Proposer(model, pool, pool, _beams_only(3, 2, exclude_same_image=True), image_ids=image_ids).propose(
-        [query])
+        [query]
+    )
     assert [c.pointer for c in got.candidates] == [seqs[i] for i in order]
     torch.testing.assert_close(torch.tensor([c.logprob_score for c in got.candidates]), logprob[order])
 
@@ -214,16 +215,21 @@ def test_exclude_same_image_needs_image_ids():
 def test_ordered_deduplication_keeps_both_orders_and_counts_drops():
     groups = [
         [Candidate((1, 2), "beam", 0, 1.0, -1.0)],
-        [Candidate((2, 1), "sample", logprob_score=-2.0, temperature=1.0),
-         Candidate((1, 2), "sample", logprob_score=-1.0, temperature=1.0),
-         Candidate((2, 1), "sample", logprob_score=-2.0, temperature=1.3)],
+        [
+            Candidate((2, 1), "sample", logprob_score=-2.0, temperature=1.0),
+            Candidate((1, 2), "sample", logprob_score=-1.0, temperature=1.0),
+            Candidate((2, 1), "sample", logprob_score=-2.0, temperature=1.3),
+        ],
         [Candidate((1, 2), "random"), Candidate((3, 1), "random")],
         [Candidate((3, 1), "retrieval")],
     ]
     got = _deduplicate(7, groups)
     assert got.query_idx == 7
-    assert [(c.pointer, c.gen_method) for c in got.candidates] == [((1, 2), "beam"), ((2, 1), "sample"),
-                                                                    ((3, 1), "random")]
+    assert [(c.pointer, c.gen_method) for c in got.candidates] == [
+        ((1, 2), "beam"),
+        ((2, 1), "sample"),
+        ((3, 1), "random"),
+    ]
     assert got.duplicates_dropped == {"beam": 0, "sample": 2, "random": 1, "retrieval": 1}
 
 
@@ -264,8 +270,9 @@ def test_results_do_not_depend_on_query_batching():
         assert [qp.query_idx for qp in split] == ids
         for a, b in zip(whole, split):
             assert a.duplicates_dropped == b.duplicates_dropped
-            assert [(c.pointer, c.gen_method, c.beam_rank, c.temperature) for c in a.candidates] == \
-                   [(c.pointer, c.gen_method, c.beam_rank, c.temperature) for c in b.candidates]
+            assert [(c.pointer, c.gen_method, c.beam_rank, c.temperature) for c in a.candidates] == [
+                (c.pointer, c.gen_method, c.beam_rank, c.temperature) for c in b.candidates
+            ]
             for ca, cb in zip(a.candidates, b.candidates):
                 for field in ("beam_score", "logprob_score"):
                     x, y = getattr(ca, field), getattr(cb, field)
@@ -297,7 +304,9 @@ def test_random_sequences_are_uniform_over_allowed_rows():
 def test_retrieval_takes_the_top_sets_by_summed_cosine():
     # query row 0; cosines with rows 1..4 are 0.9, 0.8, 0.7, -0.5 (2-d embeddings at those angles)
     angles = [0.0, math.acos(0.9), -math.acos(0.8), math.acos(0.7), math.acos(-0.5)]
-    emb2 = torch.tensor([[math.cos(a), math.sin(a)] for a in angles]) * torch.tensor([[1.0], [2.0], [1.0], [3.0], [1.0]])
+    emb2 = torch.tensor([[math.cos(a), math.sin(a)] for a in angles]) * torch.tensor(
+        [[1.0], [2.0], [1.0], [3.0], [1.0]]
+    )
     model = PointerSelectorV2(2, 4, num_layers=1)
     settings = ProposalSettings(num_beams=0, temps=(), num_random=0, num_retrieval=4)
     (got,) = Proposer(model, emb2, emb2, settings).propose([0])
@@ -335,7 +344,8 @@ def test_bad_inputs_are_input_errors():
         Proposer(model, pool, pool, ProposalSettings(), query_batch_size=0)
     with pytest.raises(InputError, match="query id 6 is out of range"):
         Proposer(model, pool, pool, ProposalSettings()).propose([6])
-    crowded = Proposer(model, pool, pool, ProposalSettings(shot_num=3, exclude_same_image=True),
-                       image_ids=[0, 0, 0, 0, 1, 1])
+    crowded = Proposer(
+        model, pool, pool, ProposalSettings(shot_num=3, exclude_same_image=True), image_ids=[0, 0, 0, 0, 1, 1]
+    )
     with pytest.raises(InputError, match="query 0: only 2 pool rows are left"):
         crowded.propose([0])

@@ -23,11 +23,11 @@ ray = pytest.importorskip("ray")
 
 from lever_lm.errors import InputError  # noqa: E402
 from lever_lm.models.v3 import generate_rl_data  # noqa: E402
-from lever_lm.rl.engines import ray as ray_engine  # noqa: E402
 from lever_lm.rl.blocks import QueryResult  # noqa: E402
+from lever_lm.rl.engines import ray as ray_engine  # noqa: E402
 from lever_lm.rl.engines.ray import Block, BlockWorker, Dispatcher, Worker, WorkersLost, worker_slots  # noqa: E402
-from lever_lm.vqa.backends.base import GenerationAborted  # noqa: E402
 from lever_lm.rl.journal import Journal  # noqa: E402
+from lever_lm.vqa.backends.base import GenerationAborted  # noqa: E402
 
 SMALL = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "--num_random", "1", "--device", "cpu"]
 BLOCK = ["--proposal_block", "2"]  # 12 queries -> 6 blocks, so that two workers share the work

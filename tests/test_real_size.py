@@ -53,7 +53,11 @@ def test_the_config_is_the_published_3b_one():
     assert (text.num_attention_heads, text.num_key_value_heads, text.vocab_size) == (16, 2, 151936)
     assert text.rope_parameters["mrope_section"] == [16, 24, 24] and config.tie_word_embeddings
     assert (vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads) == (32, 1280, 3420, 16)
-    assert (vision.out_hidden_size, vision.window_size, list(vision.fullatt_block_indexes)) == (2048, 112, [7, 15, 23, 31])
+    assert (vision.out_hidden_size, vision.window_size, list(vision.fullatt_block_indexes)) == (
+        2048,
+        112,
+        [7, 15, 23, 31],
+    )
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config)
     parameters = sum(p.numel() for p in model.parameters())
@@ -93,7 +97,9 @@ def test_real_size_prompts_through_the_backend(narrow_model, processor, prompts,
 
 
 def test_the_image_cache_keeps_its_budget_at_real_size(narrow_model, processor, photos):
-    backend = real_size.random_weight_backend(narrow_model, processor, "cpu", config={"vqa_model": {"image_cache_mb": 1}})
+    backend = real_size.random_weight_backend(
+        narrow_model, processor, "cpu", config={"vqa_model": {"image_cache_mb": 1}}
+    )
     per_image = 391 * 64 * 4 + 3 * 8  # float32 features and the int64 grid
     for path in photos:
         backend.image_cache.get(path)

@@ -13,7 +13,6 @@ import pytest
 
 from lever_lm.errors import InputError
 from lever_lm.rl.records import RecordRules
-from lever_lm.vqa.relevance import relevance
 from lever_lm.rl.validate import (
     Expectations,
     compute_breakdown,
@@ -23,6 +22,7 @@ from lever_lm.rl.validate import (
     validate_rl_data,
     write_plots,
 )
+from lever_lm.vqa.relevance import relevance
 
 # red: 4 of 10 annotators (accuracy 1.0), blue: 1 (0.3), anything else 0.
 ANSWERS = ("red", "red", "red", "red", "blue", "green", "green", "pink", "gray", "teal")
@@ -118,7 +118,10 @@ def _first(d):
         (lambda d: d["7"]["pointer_candidates"].append(candidate([5, 6], "random")), "2 'random' candidates"),
         (lambda d: _first(d).update(vqa_gt_prob=1.5), "vqa_gt_prob must be a probability"),
         (lambda d: _first(d).update(vqa_rel_score=0.1), "vqa_rel_score must be the larger"),
-        (lambda d: _first(d).update(vqa_rel_token_f1=0.5, vqa_rel_score=max(0.5, _first(d)["vqa_rel_edit_sim"])), "relevance fields differ"),
+        (
+            lambda d: _first(d).update(vqa_rel_token_f1=0.5, vqa_rel_score=max(0.5, _first(d)["vqa_rel_edit_sim"])),
+            "relevance fields differ",
+        ),
         (lambda d: _first(d).pop("vqa_rel_edit_sim"), "must be numbers in [0, 1]"),
     ],
 )

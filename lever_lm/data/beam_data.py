@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lever_lm.io import atomic_output, read_json
 from lever_lm.errors import InputError
+from lever_lm.io import atomic_output, read_json
 
 
 @dataclass

@@ -133,8 +133,14 @@ def write_split(split: Split, scenes: list[Scene], rng: random.Random) -> dict:
                     "multiple_choice_answer": most_common(answers),
                 }
             )
-    header = {"info": {"description": "Lever-LM demo VQA set"}, "license": {"name": "CC0"}, "data_subtype": f"{split.name}2014"}
-    _write_json(split.questions_path, {**header, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions})
+    header = {
+        "info": {"description": "Lever-LM demo VQA set"},
+        "license": {"name": "CC0"},
+        "data_subtype": f"{split.name}2014",
+    }
+    _write_json(
+        split.questions_path, {**header, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions}
+    )
     _write_json(split.annotations_path, {**header, "annotations": annotations})
     return {"images": len(scenes), "questions": len(questions)}
 

@@ -126,7 +126,9 @@ def _embed_texts(model, processor, questions: list[str], batch_size, device, pro
             tokens = processor.tokenizer(
                 batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             ).to(device)
-            features = _features(model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+            features = _features(
+                model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            )
             out.append(features.float().cpu())
             bar.update(len(batch))
     return torch.cat(out)

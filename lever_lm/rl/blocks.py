@@ -100,7 +100,9 @@ class BlockScorer:
         flat = [(i, j, c) for i, p in enumerate(proposals) for j, c in enumerate(p.candidates)]
         size = self.backend.batch_size
         chunks = [flat[start : start + size] for start in range(0, len(flat), size)]
-        prompts = [self._prompts(proposals, chunk) if self._holds_work(proposals, chunk, todo) else None for chunk in chunks]
+        prompts = [
+            self._prompts(proposals, chunk) if self._holds_work(proposals, chunk, todo) else None for chunk in chunks
+        ]
         self.backend.prefetch([p for chunk_prompts in prompts if chunk_prompts for p in chunk_prompts])
         generations: list[list[Generation | None]] = [[None] * len(p.candidates) for p in proposals]
         remaining = [len(p.candidates) for p in proposals]
@@ -125,7 +127,10 @@ class BlockScorer:
         return any(proposals[i].query_idx in todo for i, _, _ in chunk)
 
     def _prompts(self, proposals: list[QueryProposals], chunk: list[tuple[int, int, Candidate]]) -> list:
-        return [build_prompt(self.inputs.dataset, proposals[i].query_idx, proposals[i].global_pointer(c)) for i, _, c in chunk]
+        return [
+            build_prompt(self.inputs.dataset, proposals[i].query_idx, proposals[i].global_pointer(c))
+            for i, _, c in chunk
+        ]
 
     def _replies(self, query_idx: int) -> tuple[str, ...]:
         """The replies whose likelihoods give `vqa_gt_prob`: the query's distinct human answers."""

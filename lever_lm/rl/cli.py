@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     seed = parser.add_argument_group("the seed's flags")
-    seed.add_argument("--sft_ckpt", type=Path, required=True, help="SFT (v2) pointer checkpoint (.ckpt, Lightning layout)")
-    seed.add_argument("--beam_data", type=Path, required=True, help="beam data JSON; its keys are the queries, in order")
+    seed.add_argument(
+        "--sft_ckpt", type=Path, required=True, help="SFT (v2) pointer checkpoint (.ckpt, Lightning layout)"
+    )
+    seed.add_argument(
+        "--beam_data", type=Path, required=True, help="beam data JSON; its keys are the queries, in order"
+    )
     seed.add_argument("--output_path", type=Path, required=True, help="final RL data JSON to write")
     seed.add_argument("--query_emb", type=Path, required=True, help="query embeddings .pt, float32 [N, d]")
     seed.add_argument("--cand_emb", type=Path, required=True, help="candidate embeddings .pt, float32 [N, d]")
@@ -66,16 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--vqa_model", default=REQUEST["vqa_model"], help=f"VQA model name; one of: {', '.join(available_backends())}"
     )
     add_dataset_arguments(seed, with_config=False)
-    seed.add_argument("--num_beams", type=int, default=PROPOSAL.num_beams, help="beams in the pointer beam search (0: none)")
     seed.add_argument(
-        "--temps", type=float, nargs="*", default=list(PROPOSAL.temps), help="sampling temperatures (> 0; none: no sampling)"
+        "--num_beams", type=int, default=PROPOSAL.num_beams, help="beams in the pointer beam search (0: none)"
+    )
+    seed.add_argument(
+        "--temps",
+        type=float,
+        nargs="*",
+        default=list(PROPOSAL.temps),
+        help="sampling temperatures (> 0; none: no sampling)",
     )
     seed.add_argument(
         "--num_samples_per_temp", type=int, default=PROPOSAL.num_samples_per_temp, help="samples per temperature"
     )
     seed.add_argument("--num_random", type=int, default=PROPOSAL.num_random, help="uniform random sequences per query")
     seed.add_argument("--device", default=REQUEST["device"], help="torch device for the models ('cpu' works)")
-    seed.add_argument("--val_ques_path", type=Path, help="official VQA questions JSON whose annotations score the queries")
+    seed.add_argument(
+        "--val_ques_path", type=Path, help="official VQA questions JSON whose annotations score the queries"
+    )
     seed.add_argument(
         "--val_ann_path",
         type=Path,
@@ -90,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_more_options(more: argparse._ArgumentGroup) -> None:
     more.add_argument("--vqa_model_path", help="local model directory (wins over the config's vqa_model.path)")
     more.add_argument("--shot_num", type=int, help="ICDs per candidate (default: from the beam data)")
-    more.add_argument("--num_retrieval", type=int, default=PROPOSAL.num_retrieval, help="top-cosine retrieval sequences per query")
-    more.add_argument("--exclude_same_image", action="store_true", help="never propose items that share the query's image")
+    more.add_argument(
+        "--num_retrieval", type=int, default=PROPOSAL.num_retrieval, help="top-cosine retrieval sequences per query"
+    )
+    more.add_argument(
+        "--exclude_same_image", action="store_true", help="never propose items that share the query's image"
+    )
     more.add_argument("--seed", type=int, default=PROPOSAL.seed, help="random seed (per query: seed and query id)")
     more.add_argument(
         "--pool",
@@ -119,10 +135,18 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
         help="compute vqa_gt_prob, the model's expected accuracy over the human answers",
     )
     gt_prob.add_argument("--no_gt_prob", dest="gt_prob", action="store_false", help="do not: the field is null")
-    more.add_argument("--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory; 16 on CPU)")
-    more.add_argument("--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards")
-    more.add_argument("--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole proposal blocks)")
-    more.add_argument("--merge", action="store_true", help="combine the journals of shards 0..num_shards-1 into --output_path")
+    more.add_argument(
+        "--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory; 16 on CPU)"
+    )
+    more.add_argument(
+        "--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards"
+    )
+    more.add_argument(
+        "--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole proposal blocks)"
+    )
+    more.add_argument(
+        "--merge", action="store_true", help="combine the journals of shards 0..num_shards-1 into --output_path"
+    )
     more.add_argument("--limit", type=int, help="only the first N queries of the beam data")
     more.add_argument(
         "--proposal_block",

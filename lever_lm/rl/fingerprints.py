@@ -84,7 +84,9 @@ def pool_settings(request: GenerationRequest) -> dict:
 def code_digest() -> str:
     """The content of the project code that shapes results (see RESULT_CODE)."""
     root = Path(lever_lm.__file__).parent
-    sources = [p for part in RESULT_CODE for p in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])]
+    sources = [
+        p for part in RESULT_CODE for p in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])
+    ]
     return files_digest(sources, root)
 
 
@@ -93,4 +95,3 @@ def matched_summary(settings: dict) -> str:
     short = {name: digest[:12] for name, digest in settings["inputs"].items()}
     model = settings["vqa"]["model"].get("sha256", "?")[:12]
     return f"model {model}, images {settings['images'][:12]}, code {settings['code'][:12]}, inputs {short}"
-

@@ -63,8 +63,17 @@ def load_inputs(request: GenerationRequest) -> Inputs:
     all_queries = list(beam.query_ids)
     queries = all_queries[: request.limit] if request.limit else all_queries
     # every beam-data query: a block is proposed whole, even the part of it beyond --limit
-    pools = load_pools(request.pools, all_queries, proposal.shot_num, dataset.image_ids, proposal.exclude_same_image,
-                       proposal.seed, query_emb, cand_emb, request.device)
+    pools = load_pools(
+        request.pools,
+        all_queries,
+        proposal.shot_num,
+        dataset.image_ids,
+        proposal.exclude_same_image,
+        proposal.seed,
+        query_emb,
+        cand_emb,
+        request.device,
+    )
     pointer = load_pointer_checkpoint(request.sft_ckpt)
     if pointer.input_dim != cand_emb.shape[1]:
         raise InputError(

@@ -42,7 +42,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from lever_lm.errors import InputError, exit_on_input_error
 from lever_lm.io import atomic_output
@@ -52,6 +52,7 @@ from lever_lm.rl.records import RecordRules, entry_problems, needs_retry, stats_
 FORMAT = "lever_lm.rl"
 VERSION = 2
 CHECKSUM_LENGTH = 16
+
 
 def shard_file_name(shard_id: int, num_shards: int) -> str:
     return f"shard-{shard_id}-of-{num_shards}.jsonl"

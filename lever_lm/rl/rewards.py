@@ -26,8 +26,11 @@ class RewardWeights:
 
 
 def _fields(c: dict) -> tuple[float, float, float, float]:
-    return float(c["vqa_correct"]), float(c["vqa_acc_score"]), float(c.get("vqa_gt_prob") or 0.0), float(
-        c.get("vqa_rel_score") or 0.0
+    return (
+        float(c["vqa_correct"]),
+        float(c["vqa_acc_score"]),
+        float(c.get("vqa_gt_prob") or 0.0),
+        float(c.get("vqa_rel_score") or 0.0),
     )
 
 

@@ -117,10 +117,18 @@ def _recomputed_problems(query_idx: int, entry: dict, expected: Expectations) ->
     query = entry["query"]
     if expected.dataset is not None:
         item = expected.dataset[query_idx]
-        for name, value in (("question_id", item.question_id), ("image_id", item.image_id), ("question", item.question)):
+        for name, value in (
+            ("question_id", item.question_id),
+            ("image_id", item.image_id),
+            ("question", item.question),
+        ):
             if query[name] != value:
                 yield f"{where}: query.{name} is {query[name]!r}, the data set says {value!r}"
-    if expected.pools is not None and query_idx in expected.pools and query[POOL_FIELD] != list(expected.pools[query_idx]):
+    if (
+        expected.pools is not None
+        and query_idx in expected.pools
+        and query[POOL_FIELD] != list(expected.pools[query_idx])
+    ):
         yield f"{where}: query.{POOL_FIELD} is not the pool the run's sampler gives this query"
     answers = expected.answers.get(query_idx)
     if answers is not None and list(answers) != query["gt_answers_raw"]:
@@ -332,7 +340,8 @@ def plot_data(data: dict) -> dict[str, list[dict]]:
     for label, by_value in sorted(counts.items()):
         total = sum(by_value.values())
         distribution += [
-            {"method": label, "reward": value, "share": round(n / total, 6), "count": n} for value, n in by_value.items()
+            {"method": label, "reward": value, "share": round(n / total, 6), "count": n}
+            for value, n in by_value.items()
         ]
     stds = [
         statistics.pstdev([c["vqa_acc_score"] for c in entry["pointer_candidates"]])
@@ -534,7 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--val_ann_path", type=Path, help="the scoring annotations the run was given, if any")
     parser.add_argument(
-        "--sampler_cache", type=Path, help="the sampler cache the run read (per-query pools): pools are checked against it"
+        "--sampler_cache",
+        type=Path,
+        help="the sampler cache the run read (per-query pools): pools are checked against it",
     )
     parser.add_argument("--metrics", type=Path, required=True, help="headline metrics JSON to write")
     parser.add_argument("--breakdown", type=Path, required=True, help="per-method / per-temperature metrics JSON")

@@ -24,7 +24,6 @@ candidate (`score_prediction`) is one normalisation of the prediction plus a dic
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict

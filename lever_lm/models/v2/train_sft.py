@@ -90,7 +90,9 @@ def train_pointer_sft(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the v2 pointer on beam data (teacher forcing); write a .ckpt.")
     parser.add_argument("--beam_data", type=Path, required=True, help="beam data JSON (docs/formats.md §3.2)")
-    parser.add_argument("--emb", type=Path, required=True, help="embeddings of the training split (.pt, [N, d]): the pool")
+    parser.add_argument(
+        "--emb", type=Path, required=True, help="embeddings of the training split (.pt, [N, d]): the pool"
+    )
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (Lightning layout)")
     parser.add_argument("--hidden_dim", type=int, default=256, help="hidden size h (default: 256)")
     parser.add_argument("--num_layers", type=int, default=1, help="cross-attention layers L (default: 1)")
@@ -122,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         model = train_pointer_sft(
             beam, embeddings, **settings, on_epoch_end=lambda e, loss: log.info("epoch %d: loss %.4f", e + 1, loss)
         )
-        save_pointer_checkpoint(model, args.out, hyper_parameters={"trainer": "lever_lm.models.v2.train_sft", **settings})
+        save_pointer_checkpoint(
+            model, args.out, hyper_parameters={"trainer": "lever_lm.models.v2.train_sft", **settings}
+        )
         log.info("wrote %s", args.out)
 
 

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", type=Path, required=True, help="directory for the two .pt files")
     parser.add_argument("--batch_size", type=int, default=64, help="images / questions per model call (default: 64)")
-    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda:0 if available, else cpu)")
+    parser.add_argument(
+        "--device", default=default_device(), help="torch device (default: cuda:0 if available, else cpu)"
+    )
     parser.add_argument("--num_workers", type=int, default=None, help="image decoding threads (default: min(8, CPUs))")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     return parser

@@ -115,8 +115,11 @@ class ProposalSettings:
                     "such a temperature is greedy decoding, which the beams already give",
                 )
         if self.num_beams + self.samples_per_query + self.num_random + self.num_retrieval == 0:
-            raise InputError(None, "no proposal method is enabled (num_beams, temps x num_samples_per_temp, "
-                             "num_random and num_retrieval are all 0)")
+            raise InputError(
+                None,
+                "no proposal method is enabled (num_beams, temps x num_samples_per_temp, "
+                "num_random and num_retrieval are all 0)",
+            )
 
     @property
     def samples_per_query(self) -> int:
@@ -192,14 +195,23 @@ class _Beams:
     @classmethod
     def start(cls, state0: Tensor) -> _Beams:
         Q, dev = len(state0), state0.device
-        return cls(seq=torch.empty(Q, 1, 0, dtype=torch.long, device=dev), logp=torch.zeros(Q, 1, device=dev),
-                   prob=torch.zeros(Q, 1, device=dev), state=state0)
+        return cls(
+            seq=torch.empty(Q, 1, 0, dtype=torch.long, device=dev),
+            logp=torch.zeros(Q, 1, device=dev),
+            prob=torch.zeros(Q, 1, device=dev),
+            state=state0,
+        )
 
     def candidates(self, i: int) -> list[Candidate]:
         """Query i's beams in rank order; impossible ones (-inf) are left out."""
         return [
-            Candidate(tuple(self.seq[i, b].tolist()), "beam", beam_rank=b, beam_score=float(self.prob[i, b]),
-                      logprob_score=float(self.logp[i, b]))
+            Candidate(
+                tuple(self.seq[i, b].tolist()),
+                "beam",
+                beam_rank=b,
+                beam_score=float(self.prob[i, b]),
+                logprob_score=float(self.logp[i, b]),
+            )
             for b in range(self.seq.shape[1])
             if math.isfinite(float(self.logp[i, b]))
         ]
@@ -217,14 +229,21 @@ class _Samples:
     @classmethod
     def start(cls, state0: Tensor, temps: tuple[float, ...], n: int) -> _Samples:
         Q, S, dev = len(state0), len(temps) * n, state0.device
-        return cls(seq=torch.empty(Q, S, 0, dtype=torch.long, device=dev), logp=torch.zeros(Q, S, device=dev),
-                   state=state0.repeat_interleave(S, dim=0),
-                   temp=torch.tensor(temps, device=dev).repeat_interleave(n).repeat(Q))
+        return cls(
+            seq=torch.empty(Q, S, 0, dtype=torch.long, device=dev),
+            logp=torch.zeros(Q, S, device=dev),
+            state=state0.repeat_interleave(S, dim=0),
+            temp=torch.tensor(temps, device=dev).repeat_interleave(n).repeat(Q),
+        )
 
     def candidates(self, i: int, temps: tuple[float, ...], n: int) -> list[Candidate]:
         return [
-            Candidate(tuple(self.seq[i, j].tolist()), "sample", logprob_score=float(self.logp[i, j]),
-                      temperature=temps[j // n])
+            Candidate(
+                tuple(self.seq[i, j].tolist()),
+                "sample",
+                logprob_score=float(self.logp[i, j]),
+                temperature=temps[j // n],
+            )
             for j in range(self.seq.shape[1])
         ]
 
@@ -274,8 +293,11 @@ class Proposer:
         if self.query_batch_size < 1:
             raise InputError(None, f"query_batch_size must be >= 1, got {query_batch_size}")
         if settings.shot_num > self.pool_size - 1:
-            raise InputError(None, f"shot_num {settings.shot_num} needs at least {settings.shot_num + 1} pool rows "
-                             f"(the query is never its own ICD); the pool has {self.pool_size}")
+            raise InputError(
+                None,
+                f"shot_num {settings.shot_num} needs at least {settings.shot_num + 1} pool rows "
+                f"(the query is never its own ICD); the pool has {self.pool_size}",
+            )
         if settings.exclude_same_image and image_ids is None:
             raise InputError(None, "exclude_same_image needs the image id of every pool row (image_ids)")
         self._image_groups = ImageGroups(image_ids, self.pool_size) if settings.exclude_same_image else None
@@ -292,9 +314,7 @@ class Proposer:
 
     # -- public ----------------------------------------------------------------------------
 
-    def propose(
-        self, query_ids: Sequence[int], pools: Sequence[Sequence[int]] | None = None
-    ) -> list[QueryProposals]:
+    def propose(self, query_ids: Sequence[int], pools: Sequence[Sequence[int]] | None = None) -> list[QueryProposals]:
         """De-duplicated candidates for each query id (a training row), in the given order.
 
         `pools` (per-query mode only): each query's pool, global rows in pool order; the
@@ -303,7 +323,9 @@ class Proposer:
         ids = [int(q) for q in query_ids]
         own = [tuple(int(r) for r in p) for p in pools] if pools is not None else None
         groups = self.propose_by_method(ids, own)
-        return [_deduplicate(q, [g[m] for m in METHODS], pool) for q, g, pool in zip(ids, groups, own or [None] * len(ids))]
+        return [
+            _deduplicate(q, [g[m] for m in METHODS], pool) for q, g, pool in zip(ids, groups, own or [None] * len(ids))
+        ]
 
     def propose_by_method(
         self, query_ids: Sequence[int], pools: Sequence[Sequence[int]] | None = None
@@ -333,8 +355,11 @@ class Proposer:
     def _propose_in_pool(self, query_idx: int, rows: list[int]) -> dict[str, list[Candidate]]:
         """One query over its own pool alone: pointers are positions in `rows`."""
         if len(set(rows)) != len(rows) or any(not 0 <= r < self.pool_size for r in rows) or query_idx in rows:
-            raise InputError(None, f"query {query_idx}: its pool must be distinct rows in 0..{self.pool_size - 1} "
-                             "without the query itself")
+            raise InputError(
+                None,
+                f"query {query_idx}: its pool must be distinct rows in 0..{self.pool_size - 1} "
+                "without the query itself",
+            )
         emb = self.cand_emb[rows]
         with torch.no_grad():
             encoding = self.model.encode_pool(emb.to(self.device, torch.float32))
@@ -353,14 +378,23 @@ class Proposer:
         s = self.settings
         for q, rows in zip(ids, banned):
             if pool.size - len(rows) < s.shot_num:
-                raise InputError(None, f"query {q}: only {pool.size - len(rows)} pool rows are left after "
-                                 f"excluding the query (and its image), fewer than shot_num {s.shot_num}")
+                raise InputError(
+                    None,
+                    f"query {q}: only {pool.size - len(rows)} pool rows are left after "
+                    f"excluding the query (and its image), fewer than shot_num {s.shot_num}",
+                )
         generators = [query_generator(s.seed, q) for q in ids]
         noise_size = _num_blocks(pool.size) + _block_size()
-        uniforms = torch.stack([torch.rand(s.samples_per_query, s.shot_num, noise_size, generator=g,
-                                           dtype=torch.float64) for g in generators])  # drawn first, per query
-        randoms = [[Candidate(random_rows(g, rows, pool.size, s.shot_num), "random")
-                    for _ in range(s.num_random)] for g, rows in zip(generators, banned)]
+        uniforms = torch.stack(
+            [
+                torch.rand(s.samples_per_query, s.shot_num, noise_size, generator=g, dtype=torch.float64)
+                for g in generators
+            ]
+        )  # drawn first, per query
+        randoms = [
+            [Candidate(random_rows(g, rows, pool.size, s.shot_num), "random") for _ in range(s.num_random)]
+            for g, rows in zip(generators, banned)
+        ]
         beams, samples = self._search(ids, pool, banned, exclude, uniforms)
         retrievals = self._retrieve(ids, pool, banned)
         return [dict(zip(METHODS, group)) for group in zip(beams, samples, randoms, retrievals)]
@@ -391,7 +425,8 @@ class Proposer:
                 samples = self._sample_step(pool, scan, step, samples, _gumbel(noise), advance)
         return (
             [beams.candidates(i) for i in range(Q)] if beams is not None else [[] for _ in ids],
-            [samples.candidates(i, s.temps, s.num_samples_per_temp) for i in range(Q)] if samples is not None
+            [samples.candidates(i, s.temps, s.num_samples_per_temp) for i in range(Q)]
+            if samples is not None
             else [[] for _ in ids],
         )
 
@@ -404,8 +439,9 @@ class Proposer:
         s, Q = self.settings, len(state0)
         sample_temps = list(s.temps) if s.samples_per_query else []
         temps0 = list(dict.fromkeys(([1.0] if s.num_beams else []) + sample_temps))
-        first_row = torch.tensor([temps0.index(temp) * Q for temp in sample_temps], dtype=torch.long,
-                                 device=state0.device)
+        first_row = torch.tensor(
+            [temps0.index(temp) * Q for temp in sample_temps], dtype=torch.long, device=state0.device
+        )
         return _StepRows(
             rows=torch.cat([state0 / temp for temp in temps0]),
             banned=base.repeat(len(temps0), 1),
@@ -424,8 +460,12 @@ class Proposer:
             banned.append(_with_picks(base, samples.seq))
         nb = len(beams.state) if beams is not None else 0
         all_rows = torch.cat(rows)
-        return _StepRows(rows=all_rows, banned=_cat_padded(banned, pool_size), beam_rows=nb,
-                         draw_rows=torch.arange(nb, len(all_rows), device=base.device))
+        return _StepRows(
+            rows=all_rows,
+            banned=_cat_padded(banned, pool_size),
+            beam_rows=nb,
+            draw_rows=torch.arange(nb, len(all_rows), device=base.device),
+        )
 
     def _scan_pool(self, pool: _Pool, rows: Tensor, banned: Tensor, beam_rows: int, k: int) -> _Scan:
         """One pass over the pool in tiles: per-block log-sum-exp of every row, top-k of the first `beam_rows`."""
@@ -440,8 +480,7 @@ class Proposer:
             if beam_rows:
                 top.update(logits[:beam_rows], start)
             block_lse.append(_block_logsumexp(logits, block))
-        return _Scan(block_lse=torch.cat(block_lse, dim=1), block=block, top_values=top.values,
-                     top_indices=top.indices)
+        return _Scan(block_lse=torch.cat(block_lse, dim=1), block=block, top_values=top.values, top_indices=top.indices)
 
     def _beam_step(self, pool: _Pool, scan: _Scan, rows: Tensor, beams: _Beams, advance: bool) -> _Beams:
         """Extend every beam by its best rows, keep the best `num_beams` per query (top-k over beams x k).
@@ -463,18 +502,27 @@ class Proposer:
         if advance:
             parent_rows = (parent + torch.arange(Q, device=parent.device).unsqueeze(1) * slots).flatten()
             state = self.model.advance(rows[parent_rows], picked.flatten(), pool.encoding)
-        return _Beams(seq=torch.cat([seq, picked.unsqueeze(2)], dim=2), logp=best,
-                      prob=beams.prob.gather(1, parent) + step_prob, state=state)
+        return _Beams(
+            seq=torch.cat([seq, picked.unsqueeze(2)], dim=2),
+            logp=best,
+            prob=beams.prob.gather(1, parent) + step_prob,
+            state=state,
+        )
 
-    def _sample_step(self, pool: _Pool, scan: _Scan, step: _StepRows, samples: _Samples, gumbel: Tensor,
-                     advance: bool) -> _Samples:
+    def _sample_step(
+        self, pool: _Pool, scan: _Scan, step: _StepRows, samples: _Samples, gumbel: Tensor, advance: bool
+    ) -> _Samples:
         """One more pick for every sample, drawn with the given noise [draw rows, picks per row, ...]."""
         Q, S = samples.logp.shape
         picks, logp = self._draw(pool, step, scan, gumbel)
         picks, logp = picks.reshape(Q, S), logp.reshape(Q, S)  # same (T, sample) order at every step
         state = self.model.advance(samples.state, picks.flatten(), pool.encoding) if advance else samples.state
-        return _Samples(seq=torch.cat([samples.seq, picks.unsqueeze(2)], dim=2), logp=samples.logp + logp,
-                        state=state, temp=samples.temp)
+        return _Samples(
+            seq=torch.cat([samples.seq, picks.unsqueeze(2)], dim=2),
+            logp=samples.logp + logp,
+            state=state,
+            temp=samples.temp,
+        )
 
     def _draw(self, pool: _Pool, step: _StepRows, scan: _Scan, gumbel: Tensor) -> tuple[Tensor, Tensor]:
         """Draws [V, n] from the (tempered) distributions of `step.draw_rows`, and their log-probs.
@@ -495,8 +543,9 @@ class Proposer:
         for v, j in itertools.product(range(blocks.shape[0]), range(blocks.shape[1])):
             block, row = int(blocks[v, j]), int(step.draw_rows[v])
             start = block * scan.block
-            logits = self.model.step_logits(step.rows[row : row + 1], pool.encoding,
-                                            rows=slice(start, min(start + scan.block, pool.size)))
+            logits = self.model.step_logits(
+                step.rows[row : row + 1], pool.encoding, rows=slice(start, min(start + scan.block, pool.size))
+            )
             _mask_tile(logits, step.banned[row : row + 1], start)
             local = int((logits[0].double() + gumbel[v, j, n_blocks : n_blocks + logits.shape[1]]).argmax())
             picks[v, j] = start + local
@@ -515,12 +564,16 @@ class Proposer:
             sims[i, rows] = float("-inf")
             top = min(n + shot - 1, pool.size - len(rows))  # the best n sets use only these rows
             if math.comb(top, shot) > MAX_RETRIEVAL_SETS:
-                raise InputError(None, f"num_retrieval {n} with shot_num {shot} would enumerate "
-                                 f"{math.comb(top, shot)} sets; use fewer retrieval candidates")
+                raise InputError(
+                    None,
+                    f"num_retrieval {n} with shot_num {shot} would enumerate "
+                    f"{math.comb(top, shot)} sets; use fewer retrieval candidates",
+                )
             values, order = sims[i].topk(top)
             values, order = values.tolist(), order.tolist()
-            best = heapq.nsmallest(n, itertools.combinations(range(top), shot),
-                                   key=lambda ranks: (-sum(values[r] for r in ranks), ranks))
+            best = heapq.nsmallest(
+                n, itertools.combinations(range(top), shot), key=lambda ranks: (-sum(values[r] for r in ranks), ranks)
+            )
             result.append([Candidate(tuple(order[r] for r in ranks), "retrieval") for ranks in best])
         return result
 
@@ -579,8 +632,9 @@ def banned_rows(query_idx: int, image_groups: ImageGroups | None) -> list[int]:
 def _check_embeddings(model: PointerSelectorV2, query_emb: Tensor, cand_emb: Tensor) -> None:
     for name, emb in (("query_emb", query_emb), ("cand_emb", cand_emb)):
         if emb.dim() != 2 or emb.shape[1] != model.input_dim:
-            raise InputError(None, f"{name} must be [N, {model.input_dim}] (the model's input dim), "
-                             f"got {list(emb.shape)}")
+            raise InputError(
+                None, f"{name} must be [N, {model.input_dim}] (the model's input dim), got {list(emb.shape)}"
+            )
 
 
 def _pad_rows(rows: list[list[int]], pad: int) -> Tensor:

@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import queue
+import re
 import socket
 import threading
 import time

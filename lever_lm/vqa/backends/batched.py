@@ -80,8 +80,6 @@ def _run_ahead(pool: ThreadPoolExecutor, work: Callable, items: Sequence, depth:
         yield pending.popleft()
 
 
-
-
 class BatchedBackend:
     """The shared machinery of the backends (see the module doc); subclasses fill in the hooks below."""
 

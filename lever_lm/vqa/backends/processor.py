@@ -51,7 +51,9 @@ def load_image_only_qwen_processor(model_dir: str | Path) -> ImageOnlyQwen2_5_VL
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir, local_files_only=True)
     chat_template = _read_chat_template(Path(model_dir)) or getattr(tokenizer, "chat_template", None)
-    return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    return ImageOnlyQwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )
 
 
 def _read_chat_template(model_dir: Path) -> str | None:
