@@ -195,3 +195,24 @@ def test_retraining_the_vqa_model_reruns_the_scoring(repo: Path):
     output = result.stdout + result.stderr
     assert "Running stage 'demo_vlm'" in output and "Running stage 'generate_rl_data'" in output
     assert re.search(r"0 of 8 queries already done", output), "the new model's scores must not be reused"
+
+
+def test_user_inputs_are_never_written_by_the_demo_stages(repo: Path):
+    """Pointing params.yaml at one's own beam data and checkpoint: the demo stages keep to data/demo."""
+    mine = repo / "mine"
+    mine.mkdir(exist_ok=True)
+    for name, source in (("beam.json", "data/demo/beam_data.json"), ("sft.ckpt", "data/demo/sft/pointer_v2.ckpt")):
+        shutil.copy2(repo / source, mine / name)
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params.update(beam_data="mine/beam.json", sft_ckpt="mine/sft.ckpt")
+    params["demo"] = {**params["demo"], "beam_size": 4}  # the demo beam data is made again
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = dvc(repo, "repro")
+        assert "Running stage 'demo_beam_data'" in result.stdout
+        assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    finally:
+        params_path.write_text(original)

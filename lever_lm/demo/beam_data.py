@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.batch_size < 1 or args.num_threads < 1:
             raise InputError(None, "--batch_size and --num_threads must be positive")
         paths = dataset_paths_from_args(args)
-        dataset = VQADataset.load(paths.train_ques_path, paths.train_ann_path, paths.train_image_root)
+        dataset = paths.load()
         check_beam_settings(len(dataset), args.num_queries, args.candidate_num, args.shot_num, args.beam_size)
         start = time.perf_counter()
         with deterministic_torch(args.num_threads):

@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     with exit_on_input_error():
         paths = dataset_paths_from_args(args)
-        dataset = VQADataset.load(paths.train_ques_path, paths.train_ann_path, paths.train_image_root)
+        dataset = paths.load()
         settings = TrainSettings(
             vision_steps=args.vision_steps,
             steps=args.steps,

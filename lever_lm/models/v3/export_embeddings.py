@@ -20,7 +20,6 @@ import transformers
 
 from lever_lm.data.dataset_paths import add_dataset_arguments, dataset_paths_from_args
 from lever_lm.data.embeddings import save_embeddings
-from lever_lm.data.vqa import VQADataset
 from lever_lm.embeddings.export import export_embeddings
 from lever_lm.errors import exit_on_input_error
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         transformers.utils.logging.disable_progress_bar()
     with exit_on_input_error():
         paths = dataset_paths_from_args(args)
-        dataset = VQADataset.load(paths.train_ques_path, paths.train_ann_path, paths.train_image_root)
+        dataset = paths.load()
         log.info("embedding %d items of %s on %s", len(dataset), paths.train_ques_path, args.device)
         embeddings = export_embeddings(
             dataset,
