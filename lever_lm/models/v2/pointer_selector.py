@@ -95,7 +95,11 @@ class PointerSelectorV2(nn.Module):
         return (state / LOGIT_TEMPERATURE) @ cand.T  # scale the [M, h] side: one pass less over [M, K]
 
     def next_log_probs(self, state: Tensor, pool: PoolEncoding, banned: Tensor) -> Tensor:
-        """Log-probabilities [M, K] of the next index; `banned` [M, n] (picked ids, the query) get -inf."""
+        """Log-probabilities [M, K] of the next index; `banned` [M, n] (picked ids, the query) get -inf.
+
+        The plain, whole-pool form of one step: the proposals never build it (they stream the pool in
+        tiles); the tests and benchmarks use it as the reference the tiled code must equal.
+        """
         logits = self.step_logits(state, pool)
         logits.scatter_(1, banned, float("-inf"))
         return torch.log_softmax(logits, dim=-1)
