@@ -134,7 +134,12 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
         default=REQUEST["gt_prob"],
         help="compute vqa_gt_prob, the model's expected accuracy over the human answers",
     )
-    gt_prob.add_argument("--no_gt_prob", dest="gt_prob", action="store_false", help="do not: the field is null")
+    gt_prob.add_argument(
+        "--no_gt_prob",
+        dest="gt_prob",
+        action="store_false",
+        help="switch vqa_gt_prob off: the field is null (gt_prob: %(default)s)",
+    )
     more.add_argument(
         "--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory; 16 on CPU)"
     )
