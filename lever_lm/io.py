@@ -27,6 +27,11 @@ import torch
 from lever_lm.errors import InputError
 
 
+def is_json_number(value: object) -> bool:
+    """An int or a float as JSON gives them (a bool is not a number, though Python says it is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_json(path: str | Path, expect: type = dict, unique_keys: bool = False) -> Any:
     """The parsed JSON file, checked to be an `expect` (dict or list) at the top level."""
     path = Path(path)

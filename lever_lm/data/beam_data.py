@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lever_lm.errors import InputError
-from lever_lm.io import atomic_output, read_json
+from lever_lm.io import atomic_output, is_json_number, read_json
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _entry(entry: object, key: str, path: Path) -> list[list[int]]:
     id_list, score_list = entry.get("id_list"), entry.get("score_list")
     if not isinstance(id_list, list) or not id_list or not all(isinstance(ids, list) for ids in id_list):
         raise InputError(path, f"query {key}: 'id_list' must be a non-empty list of id lists")
-    if not isinstance(score_list, list) or not all(_is_number(s) for s in score_list):
+    if not isinstance(score_list, list) or not all(is_json_number(s) for s in score_list):
         raise InputError(path, f"query {key}: 'score_list' must be a list of numbers")
     if len(score_list) != len(id_list):
         raise InputError(path, f"query {key}: {len(id_list)} id_list entries but {len(score_list)} scores")
@@ -97,7 +97,3 @@ def _check_sequence(ids: list, query_id: int, key: str, path: Path, num_items: i
             raise InputError(path, f"query {key}: id {value} is outside the data set (0..{num_items - 1})")
     if ids[-1] != query_id:
         raise InputError(path, f"query {key}: id_list entry {ids} does not end with its query index {key}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -25,6 +25,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from lever_lm.io import is_json_number
 from lever_lm.models.v3.proposals import METHODS, Candidate
 from lever_lm.vqa.backends.base import Generation
 from lever_lm.vqa.expected_accuracy import expected_accuracy
@@ -230,7 +231,7 @@ def _candidate_problems(query_idx: int, c: object, rules: RecordRules, pool: lis
             return
     for name in OPTIONAL_NUMBER_FIELDS:
         value = c.get(name)
-        if value is not None and (not _is_number(value) or not math.isfinite(value)):
+        if value is not None and (not is_json_number(value) or not math.isfinite(value)):
             yield f"{name} must be a finite number or null"
     yield from _pointer_problems(query_idx, c["pointer"], rules)
     yield from _global_pointer_problems(c, rules, pool)
@@ -275,7 +276,7 @@ def _method_problems(c: dict) -> Iterator[str]:
         yield f"gen_method {method!r} is not one of {', '.join(GEN_METHODS)}"
     if method == "beam" and (not isinstance(c.get("beam_rank"), int) or isinstance(c.get("beam_rank"), bool)):
         yield "a beam candidate needs an integer beam_rank"
-    if method == "sample" and not (_is_number(c.get("temperature")) and c["temperature"] > 0):
+    if method == "sample" and not (is_json_number(c.get("temperature")) and c["temperature"] > 0):
         yield "a sample candidate needs a temperature > 0"
 
 
@@ -296,17 +297,13 @@ def _score_problems(c: dict) -> Iterator[str]:
 
 def _dense_problems(c: dict) -> Iterator[str]:
     gt = c.get(GT_PROB_FIELD, "missing")
-    if gt is not None and not (_is_number(gt) and 0.0 <= gt <= 1.0):
+    if gt is not None and not (is_json_number(gt) and 0.0 <= gt <= 1.0):
         yield f"{GT_PROB_FIELD} must be a probability in [0, 1] or null, found {gt!r}"
     values = [c.get(name) for name in RELEVANCE_FIELDS]
-    if not all(_is_number(v) and 0.0 <= v <= 1.0 for v in values):
+    if not all(is_json_number(v) and 0.0 <= v <= 1.0 for v in values):
         yield f"{', '.join(RELEVANCE_FIELDS)} must be numbers in [0, 1]"
     elif abs(values[2] - max(values[0], values[1])) > 1e-12:
         yield "vqa_rel_score must be the larger of vqa_rel_token_f1 and vqa_rel_edit_sim"
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # -- counting -------------------------------------------------------------------------------------

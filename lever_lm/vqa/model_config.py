@@ -40,6 +40,7 @@ from typing import Any
 
 from lever_lm.config import config_section
 from lever_lm.errors import InputError
+from lever_lm.io import is_json_number
 from lever_lm.vqa.prompts import PromptTemplate
 
 SECTION = "vqa_model"
@@ -177,7 +178,7 @@ def _generation(value: Any) -> dict[str, Any]:
     for key in ("max_new_tokens", "num_beams"):
         if key in generation:
             _positive_int(generation[key], f"config '{where}.{key}'")
-    if "length_penalty" in generation and not _is_number(generation["length_penalty"]):
+    if "length_penalty" in generation and not is_json_number(generation["length_penalty"]):
         raise InputError(
             None, f"config '{where}.length_penalty' must be a number, found {generation['length_penalty']!r}"
         )
@@ -192,10 +193,6 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InputError(None, f"config '{where}' must be a mapping, found {value!r}")
     return dict(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive_int(value: Any, what: str) -> int:
