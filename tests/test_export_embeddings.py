@@ -83,6 +83,25 @@ def test_cli_writes_identical_query_and_candidate_files(demo, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["candidate_embeddings.pt", "query_embeddings.pt"]
 
 
+def test_cli_embeds_the_validation_split_for_the_evaluation(demo, demo_dir, tmp_path, capsys):
+    split, _, clip_dir, embeddings = demo
+    val_split = Split("val", demo_dir / "vqa")
+    val = VQADataset.load(val_split.questions_path, val_split.annotations_path, val_split.image_root)
+    val_args = ["--val_ques_path", str(val_split.questions_path), "--val_ann_path", str(val_split.annotations_path)]
+    out = tmp_path / "emb"
+    common = [*_split_args(split), "--clip_model", str(clip_dir), "--no_progress"]
+    main([*common, "--output_dir", str(out), *val_args, "--val_image_root", str(val_split.image_root)])
+    torch.testing.assert_close(load_embeddings(out / "candidate_embeddings.pt"), embeddings)
+    expected = export_embeddings(val, clip_dir, progress=False)
+    torch.testing.assert_close(load_embeddings(out / "val_query_embeddings.pt", num_items=len(val)), expected)
+    with pytest.raises(SystemExit) as exit_:
+        main([*common, "--output_dir", str(tmp_path / "partial"), *val_args])
+    assert exit_.value.code == 2 and "needs all of --val_ques_path, --val_ann_path, --val_image_root" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "partial").exists()
+
+
 def test_cli_resolves_the_preset_from_the_environment(demo, tmp_path, monkeypatch):
     split, _, clip_dir, embeddings = demo
     monkeypatch.setenv("OKVQA_PATH", str(split.root))  # the demo uses the okvqa_local layout

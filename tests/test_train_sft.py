@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from lever_lm.data.beam_data import load_beam_data, save_beam_data
+from lever_lm.data.dataset_paths import DatasetPaths
 from lever_lm.data.vqa import VQADataset
 from lever_lm.demo.dataset import Split
 from lever_lm.embeddings.export import export_embeddings
 from lever_lm.errors import InputError
 from lever_lm.models.v2 import train_sft
 from lever_lm.models.v2.checkpoint import load_pointer_checkpoint
-from lever_lm.models.v2.train_sft import beam_examples, sft_loss, train_pointer_sft
+from lever_lm.models.v2.train_sft import beam_examples, sft_loss, split_queries, train_pointer_sft
+from lever_lm.models.v3.proposals import Proposer
+from lever_lm.rl.inputs import load_inputs
+from lever_lm.rl.request import GenerationRequest
 
 SETTINGS = dict(hidden_dim=32, num_layers=1, use_gate=True, lr=3e-3, batch_size=32, seed=0)
 
@@ -63,7 +67,7 @@ def test_training_lowers_the_loss_and_ranks_held_out_beam_icds_far_above_chance(
     untrained = train_pointer_sft(train, embeddings, epochs=0, **SETTINGS)
     losses = []
     trained = train_pointer_sft(
-        train, embeddings, epochs=8, **SETTINGS, on_epoch_end=lambda e, loss: losses.append(loss)
+        train, embeddings, epochs=8, **SETTINGS, on_epoch_end=lambda e, loss, held_out: losses.append(loss)
     )
     with torch.no_grad():
         before = sft_loss(untrained, queries, labels, embeddings).item()
@@ -93,11 +97,102 @@ def test_training_is_deterministic(demo):
         assert torch.equal(tensor, b.state_dict()[key]), key
 
 
+def test_the_split_is_the_lineages_lowest_ids_train(demo):
+    dataset, _, _, paths, _ = demo
+    beam = load_beam_data(paths["all"], num_items=len(dataset))
+    train, val = split_queries(beam, 0.9)
+    ordered = sorted(beam.query_ids)
+    assert train.query_ids == ordered[: int(0.9 * 128)] and val.query_ids == ordered[int(0.9 * 128) :]
+    assert all(train.id_lists[q] == beam.id_lists[q] for q in train.query_ids)
+    assert split_queries(beam, 1.0)[1] is None
+    with pytest.raises(InputError, match="leaves none of the 128 queries"):
+        split_queries(beam, 0.005)
+
+
+def test_held_out_metrics_are_measured_without_changing_training(demo):
+    dataset, embeddings, _, paths, _ = demo
+    train, val = split_queries(load_beam_data(paths["all"], num_items=len(dataset)), 0.5)
+    reports = []
+    with_val = train_pointer_sft(
+        train, embeddings, epochs=3, **SETTINGS, val=val, on_epoch_end=lambda *r: reports.append(r)
+    )
+    without = train_pointer_sft(train, embeddings, epochs=3, **SETTINGS)
+    for key, tensor in without.state_dict().items():
+        assert torch.equal(tensor, with_val.state_dict()[key]), key
+    assert [r[0] for r in reports] == [0, 1, 2]
+    queries, labels = beam_examples(val)
+    with torch.no_grad():
+        log_probs = with_val(embeddings[queries], embeddings, labels, exclude=queries)
+    assert reports[-1][2]["loss"] == pytest.approx(float(-log_probs.gather(2, labels.unsqueeze(2)).mean()))
+    assert reports[-1][2]["accuracy"] == pytest.approx(float((log_probs.argmax(2) == labels).double().mean()))
+    assert reports[-1][2]["accuracy"] > 0.1  # nearest-neighbour beams generalise (chance: 1 in 273)
+
+
+def test_the_same_seed_gives_the_same_checkpoint_bytes(demo, tmp_path):
+    _, _, _, paths, root = demo
+    args = ["--beam_data", str(paths["all"]), "--emb", str(root / "emb.pt"), "--hidden_dim", "32", "--epochs", "2"]
+    for name in ("a", "b"):
+        train_sft.main([*args, "--out", str(tmp_path / f"{name}.ckpt"), "--metrics", str(tmp_path / f"{name}.json")])
+    assert (tmp_path / "a.ckpt").read_bytes() == (tmp_path / "b.ckpt").read_bytes()
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    metrics = json.loads((tmp_path / "a.json").read_text())
+    assert set(metrics) == {"sft_train_loss", "sft_val_loss", "sft_val_acc"} and 0 <= metrics["sft_val_acc"] <= 1
+    train_sft.main([*args, "--seed", "1", "--out", str(tmp_path / "c.ckpt")])
+    assert (tmp_path / "c.ckpt").read_bytes() != (tmp_path / "a.ckpt").read_bytes()
+
+
+def test_the_checkpoint_fits_the_lineages_grpo_trainer(demo, tmp_path):
+    """Its rules (grpo_post_train.main): strip `lever_lm.` then `pointer_selector.`, keep the keys of a
+    PointerSelectorV3(d, hidden 256, --num_layers, gate always), load with strict=False -- so every
+    one of those keys must be present with its shape, or it silently stays random."""
+    _, embeddings, _, paths, root = demo
+    out = tmp_path / "sft.ckpt"
+    train_sft.main(
+        ["--beam_data", str(paths["all"]), "--emb", str(root / "emb.pt"), "--out", str(out), "--epochs", "1"]
+    )
+    state = torch.load(out, weights_only=True)["state_dict"]
+    stripped = {k.removeprefix("lever_lm.").removeprefix("pointer_selector."): v for k, v in state.items()}
+    d, h = embeddings.shape[1], 256
+    expected = {
+        "input_proj.weight": (h, d),
+        "cross_attn_layers.0.in_proj_weight": (3 * h, h), "cross_attn_layers.0.in_proj_bias": (3 * h,),
+        "cross_attn_layers.0.out_proj.weight": (h, h), "cross_attn_layers.0.out_proj.bias": (h,),
+        "attn_norms.0.weight": (h,), "attn_norms.0.bias": (h,),
+        "query_proj.weight": (h, h), "cand_proj.weight": (h, h),
+        "query_update_gate.weight": (h, 2 * h), "query_update_gate.bias": (h,),
+    }  # fmt: skip
+    assert {k: tuple(v.shape) for k, v in stripped.items()} == expected
+
+
+def test_the_checkpoint_loads_in_the_rl_generator(demo, demo_dir, tmp_path):
+    dataset, _, _, paths, root = demo
+    out = tmp_path / "sft.ckpt"
+    train_sft.main(
+        ["--beam_data", str(paths["all"]), "--emb", str(root / "emb.pt"), "--out", str(out), "--epochs", "1"]
+    )
+    split = Split("train", demo_dir / "vqa")
+    request = GenerationRequest(
+        sft_ckpt=out, beam_data=paths["all"], output_path=tmp_path / "rl.json", query_emb=root / "emb.pt",
+        cand_emb=root / "emb.pt", dataset=DatasetPaths(split.questions_path, split.annotations_path, split.image_root),
+        device="cpu",
+    )  # fmt: skip
+    inputs = load_inputs(request)
+    saved = load_pointer_checkpoint(out)
+    assert inputs.pointer.hidden_dim == 256 and inputs.pointer.use_gate
+    for key, tensor in saved.state_dict().items():
+        assert torch.equal(tensor, inputs.pointer.state_dict()[key]), key
+    proposer = Proposer(inputs.pointer, inputs.query_emb, inputs.cand_emb, inputs.proposal, device="cpu")
+    for proposals in proposer.propose(inputs.queries[:3]):
+        assert proposals.candidates and all(proposals.query_idx not in c.pointer for c in proposals.candidates)
+
+
 def test_cli_writes_a_loadable_lightning_checkpoint(demo, tmp_path):
     dataset, embeddings, _, paths, root = demo
     out = tmp_path / "sft.ckpt"
     args = ["--beam_data", str(paths["train"]), "--emb", str(root / "emb.pt"), "--out", str(out)]
-    train_sft.main([*args, "--hidden_dim", "32", "--epochs", "2", "--lr", "3e-3", "--no-use_gate"])
+    train_sft.main(
+        [*args, "--hidden_dim", "32", "--epochs", "2", "--lr", "3e-3", "--no-use_gate", "--train_ratio", "1"]
+    )
     raw = torch.load(out, weights_only=True)
     assert raw["hyper_parameters"]["epochs"] == 2
     model = load_pointer_checkpoint(out)

@@ -48,11 +48,15 @@ class FewShotPrompt:
         return tuple(shot.image for shot in self.shots) + (self.query.image,)
 
 
-def build_prompt(dataset: VQADataset, query_idx: int, pointer: Sequence[int]) -> FewShotPrompt:
+def build_prompt(
+    dataset: VQADataset, query_idx: int, pointer: Sequence[int], query_dataset: VQADataset | None = None
+) -> FewShotPrompt:
     """The few-shot prompt of one candidate: the ICDs of `pointer` in order (each with its
-    `icd_answer`), then the query. Rows are training-split rows of `dataset`."""
+    `icd_answer`), then the query. ICD rows are training-split rows of `dataset`; the query is a
+    row of `query_dataset` (another split, e.g. validation), by default of `dataset` too."""
+    queries = dataset if query_dataset is None else query_dataset
     shots = tuple(Shot(dataset.image_path(i), dataset[i].question, dataset[i].icd_answer) for i in pointer)
-    return FewShotPrompt(shots=shots, query=Shot(dataset.image_path(query_idx), dataset[query_idx].question))
+    return FewShotPrompt(shots=shots, query=Shot(queries.image_path(query_idx), queries[query_idx].question))
 
 
 @dataclass(frozen=True)

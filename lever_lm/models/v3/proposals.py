@@ -270,7 +270,9 @@ class Proposer:
     moved to `device` and put in eval mode. `query_batch_size` queries share each pass over the
     global pool (memory per step ~ batch x (beams + samples) x SCAN_CHUNK floats).
     `per_query`: every query brings its own pool (`propose(ids, pools)`); the global pool is then
-    never encoded.
+    never encoded. `held_out`: the queries are rows of `query_emb` from another split (the
+    validation queries of an evaluation), not pool rows: no pool row is theirs, so none is banned
+    for being the query or left out of the attention (the global pool only).
     """
 
     def __init__(
@@ -283,12 +285,16 @@ class Proposer:
         device: str = "cpu",
         query_batch_size: int | None = None,
         per_query: bool = False,
+        held_out: bool = False,
     ):
         _check_embeddings(model, query_emb, cand_emb)
+        if held_out and (per_query or settings.exclude_same_image):
+            raise ValueError("held-out queries are proposed over the global pool, without exclude_same_image")
         self.settings = settings
         self.device = torch.device(device)
         self.pool_size = cand_emb.shape[0]
         self.per_query = per_query
+        self.held_out = held_out
         self.query_batch_size = DEFAULT_QUERY_BATCH if query_batch_size is None else int(query_batch_size)
         if self.query_batch_size < 1:
             raise InputError(None, f"query_batch_size must be >= 1, got {query_batch_size}")
@@ -332,7 +338,7 @@ class Proposer:
     ) -> list[dict[str, list[Candidate]]]:
         """Every method's candidates for each query, before de-duplication, batch by batch."""
         ids = [int(q) for q in query_ids]
-        limit = min(self.query_emb.shape[0], self.pool_size)
+        limit = self.query_emb.shape[0] if self.held_out else min(self.query_emb.shape[0], self.pool_size)
         for q in ids:
             if not 0 <= q < limit:
                 raise InputError(None, f"query id {q} is out of range: the embeddings have {limit} rows")
@@ -345,8 +351,11 @@ class Proposer:
         result: list[dict[str, list[Candidate]]] = []
         for start in range(0, len(ids), self.query_batch_size):
             batch = ids[start : start + self.query_batch_size]
-            banned = [banned_rows(q, self._image_groups) for q in batch]
-            exclude = torch.tensor(batch, device=self.device)  # the query's own row takes no part in attention
+            if self.held_out:  # not pool rows: nothing of the pool is the query's own
+                banned, exclude = [[] for _ in batch], None
+            else:
+                banned = [banned_rows(q, self._image_groups) for q in batch]
+                exclude = torch.tensor(batch, device=self.device)  # the query's own row takes no part in attention
             result.extend(self._propose_batch(batch, self._global, banned, exclude))
         return result
 
