@@ -29,6 +29,7 @@ SMALL_PARAMS = {
     "demo": {"beam_queries": 8, "candidate_num": 16},
     "demo_clip": {"steps": 30},
     "sft": {"epochs": 5},
+    "evaluate": {"num_random": 1, "num_queries": 12},
     "demo_vlm": {"vision_steps": 150, "steps": 150},  # enough for answers (and gt_prob) to mean something
 }
 
@@ -71,7 +72,15 @@ def test_repro_builds_everything_and_a_second_repro_is_a_no_op(repo: Path):
     metrics = json.loads((repo / "data/rl/metrics.json").read_text())
     assert metrics["queries"] == 8 and metrics["candidates"] > 0
     assert (repo / "data/rl/plots/group_reward_std.png").is_file()
-    assert load_pointer_checkpoint(repo / "data/demo/sft/pointer_v2.ckpt").hidden_dim == 256  # what the lineage builds
+    assert load_pointer_checkpoint(repo / "data/sft/pointer_v2.ckpt").hidden_dim == 256  # what the lineage builds
+    assert set(json.loads((repo / "data/sft/metrics.json").read_text())) == {
+        "sft_train_loss",
+        "sft_val_loss",
+        "sft_val_acc",
+    }
+    evaluation = json.loads((repo / "data/eval/metrics.json").read_text())
+    assert set(evaluation) == {"eval_pointer", "eval_random", "eval_retrieval", "eval_zero"}
+    assert all(0.0 <= value <= 1.0 for value in evaluation.values())
     again = dvc(repo, "repro")
     assert "Running stage" not in again.stdout
     assert "up to date" in again.stdout
@@ -105,6 +114,7 @@ def test_exp_run_with_other_temperatures(repo: Path):
     runs = [run["data"] for exp in experiments for run in exp.get("revs", [])]
     assert any(r["params"]["params.yaml"]["data"]["temps"] == [0.7, 1.0, 1.3] for r in runs)
     assert any("non_flat" in r["metrics"]["data/rl/metrics.json"]["data"] for r in runs)
+    assert any("eval_pointer" in r["metrics"]["data/eval/metrics.json"]["data"] for r in runs)
 
 
 def test_exp_run_with_per_query_pools(repo: Path):
@@ -201,7 +211,7 @@ def test_user_inputs_are_never_written_by_the_demo_stages(repo: Path):
     """Pointing params.yaml at one's own beam data and checkpoint: the demo stages keep to data/demo."""
     mine = repo / "mine"
     mine.mkdir(exist_ok=True)
-    for name, source in (("beam.json", "data/demo/beam_data.json"), ("sft.ckpt", "data/demo/sft/pointer_v2.ckpt")):
+    for name, source in (("beam.json", "data/demo/beam_data.json"), ("sft.ckpt", "data/sft/pointer_v2.ckpt")):
         shutil.copy2(repo / source, mine / name)
     before = {p.name: p.read_bytes() for p in mine.iterdir()}
     params_path = repo / "params.yaml"

@@ -128,6 +128,23 @@ def test_held_out_metrics_are_measured_without_changing_training(demo):
     assert reports[-1][2]["accuracy"] > 0.1  # nearest-neighbour beams generalise (chance: 1 in 273)
 
 
+def test_lineage_initialisation_and_dropout_are_deterministic(demo):
+    dataset, embeddings, _, paths, _ = demo
+    train = load_beam_data(paths["train"], num_items=len(dataset))
+    untrained = train_pointer_sft(train, embeddings, epochs=0, **{**SETTINGS, "init": "lineage"})
+    eye = torch.eye(32)
+    for projection in (untrained.query_proj, untrained.cand_proj):
+        assert (projection.weight - eye).abs().max() < 0.06  # the identity plus N(0, 0.01) noise
+    assert torch.equal(untrained.query_update_gate.bias, torch.zeros(32))
+    runs = [train_pointer_sft(train, embeddings, epochs=2, **SETTINGS, dropout=0.5, init="lineage") for _ in (0, 1)]
+    plain = train_pointer_sft(train, embeddings, epochs=2, **SETTINGS, init="lineage")
+    for key, tensor in runs[0].state_dict().items():
+        assert torch.equal(tensor, runs[1].state_dict()[key]), key
+    assert not torch.equal(runs[0].cand_proj.weight, plain.cand_proj.weight)
+    with pytest.raises(InputError, match="init must be 'lineage' or 'torch'"):
+        train_pointer_sft(train, embeddings, epochs=0, **SETTINGS, init="xavier")
+
+
 def test_the_same_seed_gives_the_same_checkpoint_bytes(demo, tmp_path):
     _, _, _, paths, root = demo
     args = ["--beam_data", str(paths["all"]), "--emb", str(root / "emb.pt"), "--hidden_dim", "32", "--epochs", "2"]

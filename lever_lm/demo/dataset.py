@@ -80,17 +80,21 @@ class Split:
         return self.image_root / f"COCO_{self.name}2014_{image_id:012d}.jpg"
 
 
-def build_demo_dataset(root: Path, seed: int = 0, num_train_images: int = 200, num_val_images: int = 40) -> dict:
+def build_demo_dataset(root: Path, seed: int = 0, num_train_images: int = 200, num_val_images: int = 150) -> dict:
     """Write the train and val splits under `root`; return a summary (counts per split).
 
-    The layout matches the `okvqa_local` preset with OKVQA_PATH=COCO_PATH=root.
+    Each split draws from its own random stream, so the validation split's size never changes
+    the training split (nor the models and beam data made from it); image ids never repeat
+    across the splits. The layout matches the `okvqa_local` preset with OKVQA_PATH=COCO_PATH=root.
     """
-    rng = random.Random(seed)
-    image_ids = rng.sample(range(1, 600_000), num_train_images + num_val_images)
+    train_rng, val_rng = random.Random(seed), random.Random(f"{seed}:val")
+    train_ids = train_rng.sample(range(1, 600_000), num_train_images)
+    taken = set(train_ids)
+    val_ids = [i for i in val_rng.sample(range(1, 600_000), num_val_images + len(taken)) if i not in taken]
     summary = {}
-    for split, ids in (
-        (Split("train", root), image_ids[:num_train_images]),
-        (Split("val", root), image_ids[num_train_images:]),
+    for split, ids, rng in (
+        (Split("train", root), train_ids, train_rng),
+        (Split("val", root), val_ids[:num_val_images], val_rng),
     ):
         scenes = [random_scene(rng, image_id) for image_id in ids]
         summary[split.name] = write_split(split, scenes, rng)

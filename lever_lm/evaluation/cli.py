@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_random", type=int, default=SETTINGS.num_random, help="random ICD sequences per query (scores averaged)"
     )
     choice.add_argument("--seed", type=int, default=SETTINGS.seed, help="seed of the random ICDs and the bootstrap")
-    choice.add_argument("--num_queries", type=int, help="evaluate the first N validation questions only (default: all)")
+    choice.add_argument(
+        "--num_queries", type=int, help="evaluate the first N validation questions only (default, or 0: all)"
+    )
     model = parser.add_argument_group("VQA model")
     model.add_argument(
         "--vqa_model", default=REQUEST["vqa_model"], help=f"VQA model name; one of: {', '.join(available_backends())}"
@@ -94,7 +96,7 @@ def request_from_args(args: argparse.Namespace) -> EvaluationRequest:
             num_beams=args.num_beams,
             num_random=args.num_random,
             seed=args.seed,
-            num_queries=args.num_queries,
+            num_queries=args.num_queries or None,
         ),
         vqa_model=args.vqa_model,
         vqa_model_path=args.vqa_model_path,

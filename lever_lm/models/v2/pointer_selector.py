@@ -64,7 +64,7 @@ class PointerSelectorV2(nn.Module):
         """Project the pool [K, d] once: attention keys/values per layer, candidate projections."""
         return self._project_pool(pool_emb)
 
-    def _project_pool(self, pool_emb: Tensor) -> PoolEncoding:
+    def _project_pool(self, pool_emb: Tensor, dropout: float = 0.0) -> PoolEncoding:
         reduced = self.input_proj(pool_emb)  # [K, h]
         keys, values = [], []
         for attn in self.cross_attn_layers:
@@ -72,10 +72,12 @@ class PointerSelectorV2(nn.Module):
             _, b_k, b_v = attn.in_proj_bias.chunk(3)
             keys.append(F.linear(reduced, w_k, b_k))
             values.append(F.linear(reduced, w_v, b_v))
-        cand = F.normalize(self.cand_proj(reduced), dim=-1)
+        cand = F.normalize(self.cand_proj(F.dropout(reduced, dropout, self.training)), dim=-1)
         return PoolEncoding(keys=keys, values=values, cand=cand)
 
-    def encode_queries(self, query_emb: Tensor, pool: PoolEncoding, exclude: Tensor | None = None) -> Tensor:
+    def encode_queries(
+        self, query_emb: Tensor, pool: PoolEncoding, exclude: Tensor | None = None, dropout: float = 0.0
+    ) -> Tensor:
         """Initial states [B, h] for queries [B, d]; `exclude` [B] is each query's own pool row."""
         q = self.input_proj(query_emb)  # [B, h]
         for attn, norm, keys, values in zip(self.cross_attn_layers, self.attn_norms, pool.keys, pool.values):
@@ -83,7 +85,7 @@ class PointerSelectorV2(nn.Module):
             b_q = attn.in_proj_bias[: self.hidden_dim]
             attended = _attend(F.linear(q, w_q, b_q) / math.sqrt(self.hidden_dim), keys, values, exclude)
             q = norm(attn.out_proj(attended) + q)
-        return F.normalize(self.query_proj(q), dim=-1)
+        return F.normalize(self.query_proj(F.dropout(q, dropout, self.training)), dim=-1)
 
     def step_logits(self, state: Tensor, pool: PoolEncoding, rows: slice | None = None) -> Tensor:
         """Unmasked logits [M, K] of the next pick for states [M, h]; `rows` limits them to a pool slice.
@@ -114,10 +116,16 @@ class PointerSelectorV2(nn.Module):
 
     # -- training --------------------------------------------------------------------------
 
-    def forward(self, query_emb: Tensor, pool_emb: Tensor, labels: Tensor, exclude: Tensor | None = None) -> Tensor:
-        """Teacher-forced log-probabilities [B, S, K] of each step for label sequences [B, S]."""
-        pool = self._project_pool(pool_emb)
-        state = self.encode_queries(query_emb, pool, exclude)
+    def forward(
+        self, query_emb: Tensor, pool_emb: Tensor, labels: Tensor, exclude: Tensor | None = None, dropout: float = 0.0
+    ) -> Tensor:
+        """Teacher-forced log-probabilities [B, S, K] of each step for label sequences [B, S].
+
+        `dropout` (training mode only): on the query's and the candidates' hidden vectors before
+        `query_proj` / `cand_proj`, where the lineage's SFT puts its dropout (0.5 there).
+        """
+        pool = self._project_pool(pool_emb, dropout)
+        state = self.encode_queries(query_emb, pool, exclude, dropout)
         banned = exclude.view(-1, 1) if exclude is not None else labels[:, :0]
         steps = []
         for t in range(labels.shape[1]):

@@ -76,10 +76,27 @@ def beam_examples(beam: BeamData) -> tuple[Tensor, Tensor]:
     return torch.tensor(queries, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
-def sft_loss(model: PointerSelectorV2, queries: Tensor, labels: Tensor, embeddings: Tensor) -> Tensor:
+def sft_loss(
+    model: PointerSelectorV2, queries: Tensor, labels: Tensor, embeddings: Tensor, dropout: float = 0.0
+) -> Tensor:
     """Mean teacher-forced cross-entropy of the label sequences over the whole pool."""
-    log_probs = model(embeddings[queries], embeddings, labels, exclude=queries)  # [B, S, K]
+    log_probs = model(embeddings[queries], embeddings, labels, exclude=queries, dropout=dropout)  # [B, S, K]
     return -log_probs.gather(2, labels.unsqueeze(2)).mean()
+
+
+def lineage_init(model: PointerSelectorV2) -> None:
+    """The lineage's initial weights (its `_init_weights`): Xavier input projection, query and candidate
+    projections at the identity plus N(0, 0.01) noise (so the untrained pointer ranks by the cosine of
+    the projected embeddings), Xavier gate with zero bias. Draws from torch's global generator."""
+    with torch.no_grad():
+        if isinstance(model.input_proj, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(model.input_proj.weight)
+        for projection in (model.query_proj, model.cand_proj):
+            torch.nn.init.eye_(projection.weight)
+            projection.weight.add_(torch.randn_like(projection.weight) * 0.01)
+        if model.query_update_gate is not None:
+            torch.nn.init.xavier_uniform_(model.query_update_gate.weight)
+            torch.nn.init.zeros_(model.query_update_gate.bias)
 
 
 @torch.no_grad()
@@ -106,6 +123,8 @@ def train_pointer_sft(
     lr: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
+    dropout: float = 0.0,
+    init: str = "torch",
     val: BeamData | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> PointerSelectorV2:
@@ -118,6 +137,10 @@ def train_pointer_sft(
     queries, labels = beam_examples(beam)
     torch.manual_seed(seed)
     model = PointerSelectorV2(embeddings.shape[1], hidden_dim=hidden_dim, num_layers=num_layers, use_gate=use_gate)
+    if init == "lineage":
+        lineage_init(model)
+    elif init != "torch":
+        raise InputError(None, f"init must be 'lineage' or 'torch', got {init!r}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     order_rng = torch.Generator().manual_seed(seed)
     model.train()
@@ -126,7 +149,7 @@ def train_pointer_sft(
         total = 0.0
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            loss = sft_loss(model, queries[batch], labels[batch], embeddings)
+            loss = sft_loss(model, queries[batch], labels[batch], embeddings, dropout)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -163,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         help="share of the beam queries (lowest ids first) to train on; the rest validate (default: 0.9)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of initial weights and batch order (default: 0)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout before the projections (default: 0)")
+    parser.add_argument(
+        "--init", choices=("torch", "lineage"), default="torch", help="initial weights (default: torch)"
+    )
     parser.add_argument(
         "--num_threads", type=int, default=1, help="torch CPU threads (default: 1; the demo's matrices are tiny)"
     )
@@ -181,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
             lr=args.lr,
             batch_size=args.batch_size,
             seed=args.seed,
+            dropout=args.dropout,
+            init=args.init,
         )
         _warn_if_unreadable_by_the_lineage(args.hidden_dim, args.use_gate)
         log.info(
