@@ -24,10 +24,11 @@ is drawn from a mixture (`IcdMix`): any training item, an item of the query's qu
 item of the query's type with the query's answer (a helpful demonstration, as a good retriever
 finds). With the default 1 : 0 : 4 a same-type ICD's answer is strong evidence for the query's
 answer, so the model learns to read the image and the question AND to lean on the
-demonstrations: on the demo val split (2 ICDs of the query's type) it scores ~0.86 when they
-share the query's answer, ~0.34 when they do not, ~0.55 with no ICD at all -- so different ICD
-sequences score differently (non-flat GRPO groups), as with a real VLM. With equal weights it
-learns to ignore the ICDs (few non-flat groups).
+demonstrations: on the demo val split (2 ICDs of the query's type) it scores ~0.64 when they
+share the query's answer, ~0.45 when they do not, ~0.57 with no ICD at all -- so different ICD
+sequences score differently (non-flat GRPO groups), as with a real VLM. With 0 : 0 : 1 (the
+pipeline's setting) it leans harder: ~0.82, ~0.35 and ~0.57. With equal weights it learns to
+ignore the ICDs (few non-flat groups).
 
 Cost: about a minute on one CPU thread (the default: the matrices are tiny, and a second thread
 gains little and loses much on a shared machine).
