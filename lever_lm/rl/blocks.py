@@ -46,11 +46,13 @@ PROPOSAL_BLOCK = 32
 
 @dataclass
 class QueryResult:
-    """A finished query: its record, the proposal statistics, and why it could not be scored (if so)."""
+    """A finished query: its record, its statistics, why it could not be scored (if so), and how much
+    work it took in the job's unit (candidates, prompts: for progress and the meta sidecar)."""
 
     query_idx: int
     entry: dict
     stats: dict = field(default_factory=dict)
+    work: int = 0
 
     @property
     def query_error(self) -> str | None:
@@ -65,6 +67,18 @@ def blocks_of(queries: Sequence[int], block_size: int = PROPOSAL_BLOCK) -> list[
 def shard_of(queries: Sequence[int], num_shards: int, shard_id: int, block_size: int = PROPOSAL_BLOCK) -> list[int]:
     """The shard's queries: blocks dealt round-robin, so shards are whole blocks."""
     return [q for block in blocks_of(queries, block_size)[shard_id::num_shards] for q in block]
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """How the RL job's block runner scores (`job.RunnerFactory`): what a Ray worker needs to build its own."""
+
+    eval_mode: str
+    block_size: int
+    gt_prob: bool = True
+
+    def build(self, inputs: Inputs, backend: VQABackend, device: str) -> BlockScorer:
+        return BlockScorer(inputs, backend, self.eval_mode, device, self.block_size, self.gt_prob)
 
 
 class BlockScorer:
@@ -155,7 +169,7 @@ class BlockScorer:
             reason = self._unreadable_query_image(query_idx)
             if reason is not None:
                 stats["query_error"] = reason
-        return QueryResult(query_idx, entry, stats)
+        return QueryResult(query_idx, entry, stats, work=len(candidates))
 
     def _unreadable_query_image(self, query_idx: int) -> str | None:
         """Why the query's own image cannot be read, or None (checked only when a candidate failed)."""

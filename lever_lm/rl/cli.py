@@ -141,24 +141,30 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
         help="switch vqa_gt_prob off: the field is null (gt_prob: %(default)s)",
     )
     more.add_argument(
-        "--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory; 16 on CPU)"
-    )
-    more.add_argument(
-        "--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards"
-    )
-    more.add_argument(
-        "--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole proposal blocks)"
-    )
-    more.add_argument(
-        "--merge", action="store_true", help="combine the journals of shards 0..num_shards-1 into --output_path"
-    )
-    more.add_argument("--limit", type=int, help="only the first N queries of the beam data")
-    more.add_argument(
         "--proposal_block",
         type=int,
         default=PROPOSAL_BLOCK,
         help="queries proposed together; the unit of sharding (part of the journal fingerprint)",
     )
+    add_run_options(more)
+
+
+def add_run_options(more: argparse._ArgumentGroup) -> None:
+    """The flags of every per-query job (`request.JobOptions`): batch size, shards, limit, journal,
+    engine, progress."""
+    more.add_argument(
+        "--batch_size", type=int, help="prompts per VQA model call (default: from the GPU's free memory; 16 on CPU)"
+    )
+    more.add_argument(
+        "--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards"
+    )
+    more.add_argument(
+        "--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole blocks of queries)"
+    )
+    more.add_argument(
+        "--merge", action="store_true", help="combine the journals of shards 0..num_shards-1 into --output_path"
+    )
+    more.add_argument("--limit", type=int, help="only the first N queries")
     more.add_argument("--journal_dir", type=Path, help="journal directory (default: <output_path>.journal)")
     more.add_argument(
         "--engine",
@@ -213,18 +219,25 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         eval_mode=args.eval_mode,
         gt_prob=args.gt_prob,
         device=args.device,
-        batch_size=args.batch_size,
-        num_shards=args.num_shards,
-        shard_id=args.shard_id,
-        limit=args.limit,
-        journal_dir=args.journal_dir,
-        merge_only=args.merge,
-        progress=not args.no_progress,
-        engine=args.engine,
-        ray_address=args.ray_address,
-        num_workers=args.num_workers,
-        gpus_per_worker=args.gpus_per_worker,
+        **run_fields(args),
     )
+
+
+def run_fields(args: argparse.Namespace) -> dict:
+    """The `JobOptions` fields that `add_run_options` parsed."""
+    return {
+        "batch_size": args.batch_size,
+        "num_shards": args.num_shards,
+        "shard_id": args.shard_id,
+        "limit": args.limit,
+        "journal_dir": args.journal_dir,
+        "merge_only": args.merge,
+        "progress": not args.no_progress,
+        "engine": args.engine,
+        "ray_address": args.ray_address,
+        "num_workers": args.num_workers,
+        "gpus_per_worker": args.gpus_per_worker,
+    }
 
 
 def _path_or_none(value) -> Path | None:
@@ -237,12 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.proposal_block < 1:
         print(f"error: --proposal_block must be >= 1 (got {args.proposal_block})", file=sys.stderr)
         raise SystemExit(EXIT_INPUT_ERROR)
-    with exit_on_input_error(), _one_line_stops(args):
+    with exit_on_input_error(), one_line_stops(args):
         run_generation(request_from_args(args), block_size=args.proposal_block)
 
 
 @contextlib.contextmanager
-def _one_line_stops(args: argparse.Namespace) -> Iterator[None]:
+def one_line_stops(args: argparse.Namespace) -> Iterator[None]:
     """Ctrl-C, SIGTERM and a full or read-only disk end the run with one line, never a traceback."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

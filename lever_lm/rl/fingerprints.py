@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -81,12 +82,11 @@ def pool_settings(request: GenerationRequest) -> dict:
     return settings
 
 
-def code_digest() -> str:
-    """The content of the project code that shapes results (see RESULT_CODE)."""
+def code_digest(parts: Sequence[str] = RESULT_CODE) -> str:
+    """The content of the project code that shapes a job's results (packages and modules under
+    lever_lm/; by default the RL job's, RESULT_CODE)."""
     root = Path(lever_lm.__file__).parent
-    sources = [
-        p for part in RESULT_CODE for p in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])
-    ]
+    sources = [p for part in parts for p in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])]
     return files_digest(sources, root)
 
 

@@ -13,6 +13,9 @@
 
 A resumed, limited or sharded run writes exactly the bytes a single uninterrupted run writes:
 blocks are proposed whole and their VQA batches are cut from the whole block.
+
+Steps 2-4 serve any per-query job (`run_plan`): the InfoScore beam search (`lever_lm.infoscore`)
+plans its run with its own `JobType` and runs it here, with the same journal, shards and engines.
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import lever_lm
 from lever_lm.rl import fingerprints
-from lever_lm.rl.blocks import PROPOSAL_BLOCK, BlockScorer, QueryResult, shard_of
+from lever_lm.rl.blocks import PROPOSAL_BLOCK, QueryResult, ScorerSettings, shard_of
 from lever_lm.rl.engines.local import run_local
-from lever_lm.rl.inputs import Inputs, load_inputs
-from lever_lm.rl.journal import Journal, JournalSpec, shard_file_name
+from lever_lm.rl.inputs import load_inputs
+from lever_lm.rl.job import JobType
+from lever_lm.rl.journal import Journal, JournalRules, JournalSpec, shard_file_name
 from lever_lm.rl.output import collect_journal_index, write_final_json, write_meta
-from lever_lm.rl.records import RecordRules
-from lever_lm.rl.request import GenerationRequest, check_request
+from lever_lm.rl.records import MethodTotals, RecordRules
+from lever_lm.rl.request import GenerationRequest, JobOptions, check_request
 from lever_lm.vqa.backends import load_backend
 from lever_lm.vqa.backends.base import VQABackend
 
@@ -51,7 +56,7 @@ class RunSummary:
     queries_done_before: int
     queries_retried: int = 0
     queries_processed: int = 0
-    candidates_processed: int = 0
+    candidates_processed: int = 0  # the job's unit of work: candidates (RL data), prompts (beam data)
     batch_size: int | None = None
     seconds: float = 0.0
     final: dict | None = None
@@ -61,14 +66,17 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A run's identity and layout, fixed before any journal is opened."""
+    """A run's identity and layout, fixed before any journal is opened. `job` says what kind of
+    per-query job it is (`lever_lm.rl.job`): this module runs any of them; `inputs` has the job's
+    `all_queries` and the `queries` (--limit) it writes."""
 
-    request: GenerationRequest
-    inputs: Inputs
+    request: JobOptions
+    inputs: Any
     settings: dict
     fingerprint: str
     block_size: int
-    rules: RecordRules
+    rules: JournalRules
+    job: JobType
 
     def journal_spec(self, shard_id: int) -> JournalSpec:
         n = self.request.num_shards
@@ -88,9 +96,14 @@ def run_generation(
     `backend`: an already loaded VQA backend (tests pass a fake one); by default the request's
     model is loaded, and only when there is work to do.
     """
-    started = time.time()
     check_request(request)
-    plan = plan_run(request, block_size)
+    return run_plan(plan_run(request, block_size), backend)
+
+
+def run_plan(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
+    """Run (or resume) one shard of a planned job; write the final JSON when the run is unsharded."""
+    started = time.time()
+    request = plan.request
     if request.merge_only:
         summary = RunSummary(plan.fingerprint, plan.journal_path(0).parent, len(plan.inputs.queries), 0)
         finish(plan, list(range(request.num_shards)), summary, started)
@@ -114,7 +127,15 @@ def plan_run(request: GenerationRequest, block_size: int = PROPOSAL_BLOCK) -> Ru
     inputs = load_inputs(request)
     settings = fingerprints.run_settings(request, inputs, block_size)
     rules = RecordRules(inputs.proposal.shot_num, len(inputs.dataset), inputs.pools.size if inputs.pools else None)
-    return RunPlan(request, inputs, settings, fingerprints.fingerprint(settings), block_size, rules)
+    job = JobType(
+        name="rl_data",
+        runner=ScorerSettings(request.eval_mode, block_size, request.gt_prob),
+        new_totals=MethodTotals,
+        describe=format_summary,
+        unit="candidates",
+        code=fingerprints.RESULT_CODE,
+    )
+    return RunPlan(request, inputs, settings, fingerprints.fingerprint(settings), block_size, rules, job)
 
 
 def run_shard(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
@@ -133,12 +154,14 @@ def run_shard(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
         def journal_result(result: QueryResult) -> None:
             journal.append(result.query_idx, result.entry, result.stats)
             summary.queries_processed += 1
-            summary.candidates_processed += len(result.entry["pointer_candidates"])
+            summary.candidates_processed += result.work
             if result.query_error:
                 log.warning("query %d is left out of the output: %s", result.query_idx, result.query_error)
 
         if todo and request.engine == "ray":
-            summary.engine = engine.run(inputs, plan.settings, spec.queries, todo, plan.block_size, journal_result)
+            summary.engine = engine.run(
+                inputs, plan.settings, spec.queries, todo, plan.block_size, journal_result, plan.job
+            )
             summary.batch_size = summary.engine["batch_size"]
         elif todo:
             backend = backend or load_backend(
@@ -149,8 +172,16 @@ def run_shard(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
                 batch_size=request.batch_size,
             )
             summary.batch_size = backend.batch_size
-            scorer = BlockScorer(inputs, backend, request.eval_mode, request.device, plan.block_size, request.gt_prob)
-            run_local(scorer, spec.queries, todo, plan.block_size, journal_result, progress=request.progress)
+            scorer = plan.job.runner.build(inputs, backend, request.device)
+            run_local(
+                scorer,
+                spec.queries,
+                todo,
+                plan.block_size,
+                journal_result,
+                progress=request.progress,
+                unit=plan.job.unit,
+            )
     return summary
 
 
@@ -180,11 +211,11 @@ def finish(plan: RunPlan, shard_ids: list[int], summary: RunSummary, started: fl
     """Write the final JSON from the shard journals, and the meta sidecar."""
     journals = [(plan.journal_path(i), plan.journal_spec(i)) for i in shard_ids]
     index = collect_journal_index(journals)
-    final = write_final_json(plan.request.output_path, plan.inputs.queries, index)
+    final = write_final_json(plan.request.output_path, plan.inputs.queries, index, plan.job.new_totals())
     summary.seconds = time.time() - started
     summary.final, summary.output_path = final, plan.request.output_path
     write_meta(plan.request.output_path, run_meta(plan, [path for path, _ in journals], summary))
-    log.info("%s", format_summary(final, summary.seconds))
+    log.info("%s", plan.job.describe(final, summary.seconds))
     if final["unscorable_queries"]:
         log.warning(
             "%d queries left out because their own image cannot be read (listed in the meta file); "
@@ -218,7 +249,7 @@ def run_meta(plan: RunPlan, journals: list[Path], summary: RunSummary) -> dict:
         "timing": {
             "seconds": round(summary.seconds, 3),
             "queries_processed_this_run": summary.queries_processed,
-            "candidates_processed_this_run": summary.candidates_processed,
+            f"{plan.job.unit}_processed_this_run": summary.candidates_processed,
             "queries_retried_this_run": summary.queries_retried,
         },
         "engine": summary.engine,

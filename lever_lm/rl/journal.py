@@ -45,9 +45,14 @@ from pathlib import Path
 from typing import IO
 
 from lever_lm.errors import InputError, exit_on_input_error
+from lever_lm.infoscore.records import BeamRules
 from lever_lm.io import atomic_output
 from lever_lm.rl.fingerprints import fingerprint
-from lever_lm.rl.records import RecordRules, entry_problems, needs_retry, stats_problems
+from lever_lm.rl.records import RecordRules
+
+# What a journal's records must look like: the RL data's `RecordRules` or the beam data's `BeamRules`
+# (each: `header()`, `problems(query_idx, entry, stats)`, `needs_retry(entry, stats)`, `from_header`).
+JournalRules = RecordRules | BeamRules
 
 FORMAT = "lever_lm.rl"
 VERSION = 2
@@ -64,7 +69,7 @@ class JournalSpec:
 
     settings: dict
     queries: tuple[int, ...]  # the shard's queries (all of them, whatever --limit says)
-    rules: RecordRules
+    rules: JournalRules
     shard_id: int = 0
     num_shards: int = 1
 
@@ -82,7 +87,7 @@ class JournalSpec:
             "version": VERSION,
             "fingerprint": self.fingerprint,
             "shard": [self.shard_id, self.num_shards],
-            "rules": rules_header(self.rules),
+            "rules": self.rules.header(),
             "settings": self.settings,
             "queries": list(self.queries),
         }
@@ -99,17 +104,9 @@ class JournalSpec:
             raise ValueError("the first line is not a journal header") from None
 
 
-def rules_header(rules: RecordRules) -> dict:
-    """The header's `rules`; `pool_size` only with per-query pools (global headers are as before)."""
-    header = {"shot_num": rules.shot_num, "num_items": rules.num_items}
-    if rules.pool_size is not None:
-        header["pool_size"] = rules.pool_size
-    return header
-
-
-def rules_from_header(rules: dict) -> RecordRules:
-    pool_size = rules.get("pool_size")
-    return RecordRules(int(rules["shot_num"]), int(rules["num_items"]), None if pool_size is None else int(pool_size))
+def rules_from_header(rules: dict) -> JournalRules:
+    """The record rules a header's `rules` state: beam data's name their job, RL data's (as before) do not."""
+    return BeamRules.from_header(rules) if rules.get("job") == BeamRules.JOB else RecordRules.from_header(rules)
 
 
 @dataclass
@@ -168,7 +165,7 @@ class Journal:
         _write_line(self._handle, record_line(record))
         self._index.offsets[query_idx] = offset
         self._index.attempts[query_idx] = attempt
-        if needs_retry(entry, record["stats"]):
+        if self.spec.rules.needs_retry(entry, record["stats"]):
             self._index.incomplete.add(query_idx)
         else:
             self._index.incomplete.discard(query_idx)
@@ -270,12 +267,12 @@ def _index_record(record: dict, index: JournalIndex, offset: int, spec: JournalS
         raise ValueError(f"query {query_idx}: attempt {attempt} without the earlier ones")
     if query_idx not in spec.query_set:
         raise ValueError(f"query {query_idx} is not one of this shard's queries")
-    problems = [*entry_problems(query_idx, record["entry"], spec.rules), *stats_problems(record["stats"])]
+    problems = list(spec.rules.problems(query_idx, record["entry"], record["stats"]))
     if problems:
         raise ValueError("; ".join(problems[:3]))
     index.offsets[query_idx] = offset
     index.attempts[query_idx] = attempt
-    if needs_retry(record["entry"], record["stats"]):
+    if spec.rules.needs_retry(record["entry"], record["stats"]):
         index.incomplete.add(query_idx)
     else:
         index.incomplete.discard(query_idx)

@@ -1,4 +1,5 @@
-"""The final RL data JSON (docs/formats.md §5), written from journals, and its `<output>.meta.json` sidecar.
+"""A job's final JSON (RL data, docs/formats.md §5; beam data, §3.2), written from journals, and its
+`<output>.meta.json` sidecar.
 
 The final file is an object keyed by `str(query_idx)` in beam-data key order, one query per line
 (`{\\n"12": {...},\\n"40": {...}\\n}`): valid JSON that the GRPO trainer reads with `json.load`, yet
@@ -19,15 +20,16 @@ from pathlib import Path
 
 from lever_lm.errors import InputError
 from lever_lm.io import atomic_output
+from lever_lm.rl.job import Totals
 from lever_lm.rl.journal import JournalSpec, read_entry, read_index
 from lever_lm.rl.records import MethodTotals
 
 
 @dataclass
 class FinalCounts:
-    """What the final file holds, for the log and the meta sidecar."""
+    """What the final file holds, for the log and the meta sidecar (`totals`: the job's counts)."""
 
-    totals: MethodTotals = field(default_factory=MethodTotals)
+    totals: Totals = field(default_factory=MethodTotals)
     unscorable: dict[int, str] = field(default_factory=dict)  # query -> why it is left out
 
     def as_dict(self) -> dict:
@@ -45,8 +47,11 @@ def collect_journal_index(journals: Sequence[tuple[Path, JournalSpec]]) -> dict[
     return index
 
 
-def write_final_json(output_path: Path, query_order: Sequence[int], index: dict[int, tuple[Path, int]]) -> dict:
-    """Write the final JSON for `query_order` from the journals; return the counts.
+def write_final_json(
+    output_path: Path, query_order: Sequence[int], index: dict[int, tuple[Path, int]], totals: Totals | None = None
+) -> dict:
+    """Write the final JSON for `query_order` from the journals; return the counts (`totals`: the job's,
+    by default the RL data's `MethodTotals`).
 
     Journaled queries outside `query_order` (e.g. beyond --limit) are simply not written.
     """
@@ -55,10 +60,11 @@ def write_final_json(output_path: Path, query_order: Sequence[int], index: dict[
         head = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise InputError(output_path, f"{len(missing)} queries not journaled yet ({head}); finish every shard first")
     handles: dict[Path, object] = {}
-    counts = FinalCounts()
+    counts = FinalCounts() if totals is None else FinalCounts(totals)
     try:
         with atomic_output(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
             out.write("{")
+            written = 0
             for query_idx in query_order:
                 journal, offset = index[query_idx]
                 handle = handles.get(journal) or handles.setdefault(journal, open(journal, "rb"))
@@ -66,7 +72,8 @@ def write_final_json(output_path: Path, query_order: Sequence[int], index: dict[
                 if record["stats"].get("query_error"):
                     counts.unscorable[query_idx] = record["stats"]["query_error"]
                     continue
-                separator = "\n" if counts.totals.queries == 0 else ",\n"
+                separator = ",\n" if written else "\n"
+                written += 1
                 entry = json.dumps(record["entry"], ensure_ascii=False, allow_nan=False)
                 out.write(f"{separator}{json.dumps(str(query_idx))}: {entry}")
                 counts.totals.add(record["entry"], record["stats"])

@@ -139,11 +139,32 @@ def needs_retry(entry: dict, stats: dict) -> bool:
 
 @dataclass(frozen=True)
 class RecordRules:
-    """What the inputs say a record must look like."""
+    """What the inputs say a record must look like (the journal checks every line it reads with these)."""
 
     shot_num: int
     num_items: int  # rows of the training split: global pointers lie in 0..num_items-1
     pool_size: int | None = None  # per-query pools of this size (pointers are positions in them); None: global
+
+    def header(self) -> dict:
+        """The journal header's `rules`; `pool_size` only with per-query pools (global headers are as before)."""
+        header = {"shot_num": self.shot_num, "num_items": self.num_items}
+        if self.pool_size is not None:
+            header["pool_size"] = self.pool_size
+        return header
+
+    @classmethod
+    def from_header(cls, rules: dict) -> RecordRules:
+        pool_size = rules.get("pool_size")
+        return cls(int(rules["shot_num"]), int(rules["num_items"]), None if pool_size is None else int(pool_size))
+
+    def problems(self, query_idx: int, entry: object, stats: object) -> Iterator[str]:
+        """Every way a journal line's entry and stats break the schema."""
+        yield from entry_problems(query_idx, entry, self)
+        yield from stats_problems(stats)
+
+    @staticmethod
+    def needs_retry(entry: dict, stats: dict) -> bool:
+        return needs_retry(entry, stats)
 
 
 def entry_problems(query_idx: int, entry: object, rules: RecordRules) -> Iterator[str]:

@@ -1,13 +1,14 @@
 """The Ray engine: proposal blocks handed to Ray actors as they free up; the driver journals every result.
 
 Each worker is a Ray actor with one CPU and `--gpus_per_worker` GPUs (fractions pack small models
-on one GPU). It loads the VQA backend once and builds a `BlockScorer` from the run's inputs, which
+on one GPU). It loads the VQA backend once and builds the job's block runner (a `BlockScorer` for
+RL data, a `BeamSearcher` for InfoScore beam data; `lever_lm.rl.job`) from the run's inputs, which
 the driver loaded once and put in Ray's object store: no worker reads the annotations, the
 embeddings or the SFT checkpoint from disk (the images and the VQA model are read where the worker
 runs, so every node needs them at the same paths).
 
 The driver hands each block that holds a query to do to whichever worker is free. The worker
-scores it exactly as the local engine does (`BlockScorer.run`), in a thread, and the driver keeps
+runs it exactly as the local engine does (the runner's `run`), in a thread, and the driver keeps
 one call open per worker that returns the queries finished so far; it journals each (append +
 fsync) as it arrives, in whatever order the blocks finish. The final JSON is written in beam-data order from the journal, so the output is
 byte-identical to the local engine's on the same device type, and a killed driver loses only the
@@ -35,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 import torch
@@ -48,10 +50,10 @@ from ray.exceptions import (
 )
 
 from lever_lm.errors import InputError
-from lever_lm.rl.blocks import BlockScorer, QueryResult, blocks_of
+from lever_lm.rl.blocks import QueryResult, blocks_of
 from lever_lm.rl.engines.progress import Progress
-from lever_lm.rl.inputs import Inputs
-from lever_lm.rl.request import GenerationRequest
+from lever_lm.rl.job import BlockRunner, JobType, RunnerFactory
+from lever_lm.rl.request import JobOptions
 from lever_lm.vqa.backends import load_backend
 from lever_lm.vqa.backends.base import GenerationAborted
 
@@ -72,17 +74,16 @@ class WorkersLost(GenerationAborted):
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker needs besides the inputs: how to load the VQA backend and how to score."""
+    """What a worker needs besides the inputs: how to load the VQA backend and build its block runner."""
 
     vqa_model: str
     model_path: str | None
     config: dict
     batch_size: int | None
-    eval_mode: str
-    gt_prob: bool
+    runner: RunnerFactory  # the job's (`lever_lm.rl.job`): RL data scoring, InfoScore beam search
     device: str  # the worker's own view: Ray shows each worker only its GPUs, so CUDA is cuda:0
-    block_size: int
     threads: int
+    code: tuple[str, ...]  # the job's result code (`JobType.code`), whose digest `expected` holds
     expected: dict  # the driver's code digest and library versions; a worker must match them
 
 
@@ -91,17 +92,17 @@ class BlockWorker:
     driver collects the finished queries, so a slow or distant driver never stalls the scoring."""
 
     def __init__(self) -> None:
-        self.scorer: BlockScorer | None = None
+        self.scorer: BlockRunner | None = None
         self.finished: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
 
-    def setup(self, inputs: Inputs, spec: WorkerSpec) -> dict:
+    def setup(self, inputs: Any, spec: WorkerSpec) -> dict:
         """Load the backend (an InputError stops the run); say who and where this worker is."""
         started = time.time()
         import lever_lm.models.v3.generate_rl_data  # noqa: F401 -- the generator's process settings, before CUDA starts
 
         torch.set_num_threads(spec.threads)
-        _check_same_code_and_libraries(spec.expected)
+        _check_same_code_and_libraries(spec.expected, spec.code)
         backend = load_backend(
             spec.vqa_model,
             model_path=spec.model_path,
@@ -109,7 +110,7 @@ class BlockWorker:
             config=spec.config,
             batch_size=spec.batch_size,
         )
-        self.scorer = BlockScorer(inputs, backend, spec.eval_mode, spec.device, spec.block_size, spec.gt_prob)
+        self.scorer = spec.runner.build(inputs, backend, spec.device)
         return {
             "node": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
@@ -151,13 +152,13 @@ class BlockWorker:
                 return results, False
 
 
-def _check_same_code_and_libraries(expected: dict) -> None:
+def _check_same_code_and_libraries(expected: dict, code: Sequence[str]) -> None:
     """A worker with other code or other torch/transformers would mix numerics under one fingerprint."""
     import transformers
 
     from lever_lm.rl.fingerprints import code_digest
 
-    found = {"code": code_digest(), "torch": torch.__version__, "transformers": transformers.__version__}
+    found = {"code": code_digest(code), "torch": torch.__version__, "transformers": transformers.__version__}
     for name, value in expected.items():
         if found[name] != value:
             raise InputError(
@@ -218,7 +219,7 @@ class RayEngine:
     """A run's Ray session: connected and checked before the journal is opened, closed after the run
     (a Ray started here stops with it; a cluster that was joined goes on)."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: JobOptions):
         self.request = request
         self.device = worker_device(request.device)
         cuda = self.device.startswith("cuda")
@@ -240,16 +241,18 @@ class RayEngine:
 
     def run(
         self,
-        inputs: Inputs,
+        inputs: Any,
         settings: dict,
         queries: Sequence[int],
         todo: set[int],
         block_size: int,
         on_result: Callable[[QueryResult], None],
+        job: JobType,
     ) -> dict:
-        """Score every block of `queries` that holds a query of `todo` on the workers; hand each
-        result to `on_result` (the journal) as it arrives. Returns what the meta sidecar records:
-        seconds until the first worker was ready, seconds of scoring after that, each worker's record."""
+        """Run every block of `queries` that holds a query of `todo` on the workers, each building the
+        `job`'s block runner; hand each result to `on_result` (the journal) as it arrives. Returns what
+        the meta sidecar records: seconds until the first worker was ready, seconds of scoring after
+        that, each worker's record."""
         import transformers
 
         request = self.request
@@ -258,11 +261,10 @@ class RayEngine:
             model_path=request.vqa_model_path,
             config=request.config,
             batch_size=request.batch_size,
-            eval_mode=request.eval_mode,
-            gt_prob=request.gt_prob,
+            runner=job.runner,
             device=self.device,
-            block_size=block_size,
             threads=CPUS_PER_WORKER,
+            code=job.code,
             expected={"code": settings["code"], "torch": torch.__version__, "transformers": transformers.__version__},
         )
         blocks = [
@@ -272,7 +274,7 @@ class RayEngine:
         ]
         num_workers = min(self.num_workers, len(blocks))  # a worker without a block would only load a model
         started = time.time()
-        with Progress(len(todo), enabled=request.progress, workers=num_workers) as bar:
+        with Progress(len(todo), enabled=request.progress, workers=num_workers, unit=job.unit) as bar:
 
             def journal_and_count(result: QueryResult) -> None:
                 on_result(result)
@@ -381,7 +383,7 @@ class Dispatcher:
         for result in results:
             block.todo.discard(result.query_idx)
             worker.queries += 1
-            worker.candidates += len(result.entry["pointer_candidates"])
+            worker.candidates += result.work
             self.on_result(result)
 
     def replace(self, worker: Worker, error: BaseException) -> None:

@@ -56,6 +56,21 @@ class Generation:
         return cls(raw="", answer="", error=reason)
 
 
+@dataclass(frozen=True)
+class ReplyScores:
+    """A prompt's replies scored by teacher forcing alone (no generation): for each reply, in order,
+    the natural log of its probability (its tokens and the end-of-turn token, as in
+    `Generation.reply_logprobs`) and how many tokens that is; or why there are none."""
+
+    logprobs: tuple[float, ...] = ()
+    token_counts: tuple[int, ...] = ()
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, reason: str) -> ReplyScores:
+        return cls(error=reason)
+
+
 class VQABackend(Protocol):
     """What the RL generator codes against."""
 
@@ -74,6 +89,12 @@ class VQABackend(Protocol):
         `replies`, one entry per prompt (None: none): the strings whose log-probabilities the prompt's
         Generation carries in `reply_logprobs`. Asking for them never changes an answer.
         """
+        ...
+
+    def score_replies(self, prompts: Sequence[FewShotPrompt], replies: Sequence[Sequence[str]]) -> list[ReplyScores]:
+        """One ReplyScores per prompt, same order: the teacher-forced likelihood of each of
+        `replies[i]` after `prompts[i]` (the path `generate` uses for `reply_logprobs`), without
+        generating; batched like `generate`, a failing prompt fails alone."""
         ...
 
     def prefetch(self, prompts: Sequence[FewShotPrompt]) -> None:
