@@ -26,6 +26,7 @@ from lever_lm.models.v3 import generate_rl_data  # noqa: E402
 from lever_lm.rl.blocks import QueryResult  # noqa: E402
 from lever_lm.rl.engines import ray as ray_engine  # noqa: E402
 from lever_lm.rl.engines.ray import Block, BlockWorker, Dispatcher, Worker, WorkersLost, worker_slots  # noqa: E402
+from lever_lm.rl.fingerprints import RESULT_CODE  # noqa: E402
 from lever_lm.rl.journal import Journal  # noqa: E402
 from lever_lm.vqa.backends.base import GenerationAborted  # noqa: E402
 
@@ -158,6 +159,31 @@ def test_a_killed_driver_resumes_from_the_journal(cluster, local_output, rl_inpu
     assert meta["timing"]["queries_processed_this_run"] < 12, "the rerun resumed"
 
 
+def test_beam_data_on_two_workers_writes_the_local_engines_bytes(
+    cluster, rl_inputs, tmp_path, monkeypatch, one_torch_thread
+):
+    """The InfoScore beam search is another job of the same engine: same blocks, same journal, same bytes."""
+    from lever_lm.infoscore import cli, generate
+
+    monkeypatch.setattr(generate, "BLOCK_SIZE", 2)  # 4 queries -> 2 blocks, one per worker
+    pools = json.loads((rl_inputs.beam_data.parent / "pools.json").read_text())
+    (tmp_path / "pools.json").write_text(json.dumps(dict(list(pools.items())[:4])))
+    flags = [*rl_inputs.dataset_flags(), "--sampler_cache", str(tmp_path / "pools.json"), "--vqa_model_path",
+             str(rl_inputs.vlm), "--device", "cpu", "--beam_size", "2", "--no_progress"]  # fmt: skip
+    cli.main([*flags, "--output_path", str(tmp_path / "local.json")])
+    cli.main([*flags, "--output_path", str(tmp_path / "ray.json"), "--engine", "ray", "--ray_address", cluster,
+              "--num_workers", "2"])  # fmt: skip
+    assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "local.json").read_bytes()
+    meta = json.loads((tmp_path / "ray.json.meta.json").read_text())
+    workers = meta["engine"]["workers"]
+    assert len(workers) == 2 and sum(w["queries"] for w in workers) == 4
+    assert (
+        sum(w["candidates"] for w in workers)
+        == meta["counts"]["prompts"]
+        == meta["timing"]["prompts_processed_this_run"]
+    )
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1", "not-an-address"])
 def test_a_bad_address_is_one_line_and_writes_nothing(address, rl_inputs, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -219,7 +245,7 @@ def test_a_block_that_loses_three_workers_stops_the_run_naming_it(monkeypatch):
 
 def test_a_worker_with_other_library_versions_is_refused():
     with pytest.raises(InputError, match="has torch .*, the driver 0.0"):
-        ray_engine._check_same_code_and_libraries({"torch": "0.0"})
+        ray_engine._check_same_code_and_libraries({"torch": "0.0"}, RESULT_CODE)
 
 
 class ScorerThatFails:
