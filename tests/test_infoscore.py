@@ -29,13 +29,14 @@ from lever_lm.data.vqa import VQADataset
 from lever_lm.demo.dataset import Split
 from lever_lm.errors import InputError
 from lever_lm.infoscore import cli
-from lever_lm.infoscore.generate import BeamDataRequest, BeamInputs, BeamSearcher, run_beam_data
+from lever_lm.infoscore.generate import BeamDataRequest, BeamInputs, BeamSearcher, plan_beam_data, run_beam_data
 from lever_lm.infoscore.records import BeamRules
 from lever_lm.infoscore.search import SearchSettings, info_score_search
 from lever_lm.models.v3.pools import save_sampler_cache
 from lever_lm.models.v3.samplers import draw_queries, sample_pools
 from lever_lm.rl.journal import Journal, JournalSpec, record_line
 from lever_lm.vqa.backends import load_backend
+from lever_lm.vqa.backends.shared_prefix import images_in_prefix, prefix_first, shared_prefix_length
 from lever_lm.vqa.flamingo.loading import clip_pixels
 from lever_lm.vqa.images import read_rgb
 from lever_lm.vqa.prompts import build_prompt, chat_messages, flamingo_text
@@ -235,22 +236,55 @@ def test_infoscore_equals_a_brute_force_unbatched_computation(
     assert entry["score_list"] == [gains[-1] for gains in entry["shot_scores"]]
 
 
-def test_a_shared_prefix_scores_what_plain_batches_score(demo_dir, dataset):
-    """Qwen2.5-VL runs a batch's common prefix (system turn and the ICDs a beam holds) once: the
-    scores equal the plain prefill's, one prompt at a time, and what generation's cache gives."""
+def test_a_shared_prefix_scores_what_plain_batches_score(demo_dir, dataset, monkeypatch):
+    """Qwen2.5-VL runs a batch's common prefix (system turn and the ICDs a beam holds, images
+    included) once: the scores equal the plain prefill's, one prompt at a time, and what
+    generation's cache gives."""
     backend = load_backend("qwen2.5_vl_3B", model_path=str(demo_dir / "models" / "qwen2.5-vl-tiny"), batch_size=8)
-    prompts = [build_prompt(dataset, 7, [3, c]) for c in (40, 12, 25, 61)] + [build_prompt(dataset, 7, [])]
-    replies = [(dataset[7].icd_answer, "two words")] * len(prompts)
-    shared = backend.score_replies(prompts, replies)
-    backend.share_prefix = False
-    plain = backend.score_replies(prompts, replies)
-    alone = [backend.score_replies([p], [r])[0] for p, r in zip(prompts, replies)]
-    generated = backend.generate(prompts, replies)
-    for a, b, c, g in zip(shared, plain, alone, generated):
-        assert a.error is None and a.token_counts == b.token_counts
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
-        assert a.logprobs == pytest.approx(c.logprobs, abs=1e-5)
-        assert a.logprobs == pytest.approx(g.reply_logprobs, abs=1e-5)
+    shared_images = []
+    prefix_prefill = type(backend)._prefix_prefill
+
+    def spy(self, inputs, image_counts, length):
+        shared_images.append(images_in_prefix(inputs["mm_token_type_ids"][0], length))
+        return prefix_prefill(self, inputs, image_counts, length)
+
+    monkeypatch.setattr(type(backend), "_prefix_prefill", spy)
+    answer = dataset[7].icd_answer
+    batches = [
+        [build_prompt(dataset, 7, [3, c]) for c in (40, 12, 25, 61)],  # one beam's expansions: ICD 3 is shared
+        [build_prompt(dataset, 7, icds) for icds in ([], [3], [40, 3])],  # only the system turn is
+    ]
+    for prompts in batches:
+        replies = [(answer, "two words")] * len(prompts)
+        backend.share_prefix = True
+        shared = backend.score_replies(prompts, replies)
+        backend.share_prefix = False
+        plain = backend.score_replies(prompts, replies)
+        alone = [backend.score_replies([p], [r])[0] for p, r in zip(prompts, replies)]
+        generated = backend.generate(prompts, replies)
+        for a, b, c, g in zip(shared, plain, alone, generated):
+            assert a.error is None and a.token_counts == b.token_counts
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+            assert a.logprobs == pytest.approx(c.logprobs, abs=1e-5)
+            assert a.logprobs == pytest.approx(g.reply_logprobs, abs=1e-5)
+    assert shared_images == [1, 0], "the first batch ran ICD 3's image once, the second only the system turn"
+
+
+def test_the_shared_prefix_ends_before_an_image_that_differs_or_is_cut_and_moves_to_the_front():
+    pad, img = 0, 9
+    ids = torch.tensor([[1, 2, img, img, 3, 4, img, 5], [pad, 1, 2, img, img, 3, 4, 6]])
+    mask = (ids != pad).long()
+    mask[0, 0] = 1
+    is_image = ids == img
+    same = [["a", "b"], ["a"]]
+    assert shared_prefix_length(ids, mask, is_image, same) == 6  # 1 2 [a] 3 4: every row keeps its last token
+    assert shared_prefix_length(ids, mask, is_image, [["a", "b"], ["z"]]) == 2, "another picture: cut before it"
+    split = torch.tensor([[1, img, img, 5], [1, img, img, 6]])  # the prefix would end inside the image
+    assert shared_prefix_length(split, torch.ones_like(split), split == img, [["a"], ["a"]]) == 3
+    assert shared_prefix_length(split[:, :2], torch.ones_like(split[:, :2]), split[:, :2] == img, [["a"], ["a"]]) == 1
+    moved = prefix_first({"input_ids": ids, "attention_mask": mask}, ("input_ids", "attention_mask"), 3)
+    assert moved["input_ids"].tolist() == [[1, 2, img, img, 3, 4, img, 5], [1, 2, img, pad, img, 3, 4, 6]]
+    assert moved["attention_mask"].tolist() == [[1] * 8, [1, 1, 1, 0, 1, 1, 1, 1]]
 
 
 # -- the job --------------------------------------------------------------------------------------------
@@ -436,3 +470,18 @@ def test_requests_are_checked_before_reading(tmp_path, split):
     with pytest.raises(InputError, match="--shard_id must be in 0..1"):
         run_beam_data(BeamDataRequest(sampler_cache=tmp_path / "p.json", output_path=tmp_path / "b.json",
                                       dataset=paths, num_shards=2, shard_id=2))  # fmt: skip
+
+
+def test_the_fingerprint_holds_what_shapes_likelihoods_and_not_decoding(split, demo_dir, pools_file):
+    paths = DatasetPaths(split.questions_path, split.annotations_path, split.image_root)
+    model = str(demo_dir / "models" / "qwen2.5-vl-tiny")
+
+    def fingerprint(config: dict, **search) -> str:
+        request = BeamDataRequest(sampler_cache=pools_file, output_path=Path("b.json"), dataset=paths,
+                                  vqa_model_path=model, device="cpu", config=config, search=SearchSettings(**search))  # fmt: skip
+        return plan_beam_data(request).fingerprint
+
+    plain = fingerprint({})
+    assert fingerprint({"vqa_model": {"generation": {"max_new_tokens": 9, "num_beams": 1}}}) == plain
+    assert fingerprint({"vqa_model": {"system_prompt": "Answer briefly."}}) != plain
+    assert fingerprint({}, beam_size=4) != plain and fingerprint({}, construct_order="left") != plain

@@ -115,7 +115,9 @@ def load_beam_inputs(request: BeamDataRequest) -> BeamInputs:
 
 
 def run_settings(request: BeamDataRequest, inputs: BeamInputs) -> dict:
-    """The settings dict whose hash names the journal directory (see `lever_lm.rl.fingerprints`)."""
+    """The settings dict whose hash names the journal directory (see `lever_lm.rl.fingerprints`): the
+    search, the answer rule, the VQA model (content, prompt, image processing, numerics; not its
+    decoding settings, which no likelihood depends on), the inputs' and images' content, the code."""
     paths = request.dataset
     files = {
         "sampler_cache": request.sampler_cache,
@@ -123,14 +125,16 @@ def run_settings(request: BeamDataRequest, inputs: BeamInputs) -> dict:
         "train_annotations": paths.train_ann_path,
     }
     images = {inputs.dataset.image_path(row) for row in range(len(inputs.dataset))}
+    vqa = describe_settings(
+        request.vqa_model, model_path=request.vqa_model_path, config=request.config, device=request.device
+    )
+    vqa.pop("generation", None)  # decoding settings shape answers, not teacher-forced likelihoods
     return {
         "format_version": FORMAT_VERSION,
         "job": BeamRules.JOB,
         "search": dataclasses.asdict(request.search),
         "answer": ANSWER_RULE,
-        "vqa": describe_settings(
-            request.vqa_model, model_path=request.vqa_model_path, config=request.config, device=request.device
-        ),
+        "vqa": vqa,
         "inputs": {name: file_digest(path) for name, path in files.items()},
         "images": files_digest(images, paths.train_image_root),
         "code": fingerprints.code_digest(RESULT_CODE),

@@ -1,5 +1,8 @@
 """What a generation run was asked to do: `GenerationRequest`, with the checks that need no file read.
 
+`JobOptions` holds what every per-query job shares (the VQA model, device, batch size, shards,
+journal, engine); the InfoScore beam data request builds on it too (`check_job_options`).
+
 The command line (`lever_lm.rl.cli`) and the tests build a request; `check_request` refuses a bad
 setting or an output path that cannot be written before any input is read, so nothing is computed
 for a run that could never write its result. The request's field defaults are the command line's

@@ -14,9 +14,12 @@ only tokenizes (left padding), stacks each prompt's latents and calls `generate`
 
 Asked for replies (`generate(prompts, replies)`, for `vqa_gt_prob`), each prompt's Generation
 also carries the teacher-forced log-probability of each reply: its tokens, then `<|endofchunk|>`
-(how the ICDs show an answer), after the prompt's tokens exactly as generation read them. That is
-one forward pass of `OpenFlamingo` per distinct (prompt, reply), batched: unlike the chat backends
-no cache is shared, so it costs about one prefill per reply.
+(how the ICDs show an answer), after the prompt's tokens exactly as generation read them.
+`score_replies` gives the same without generating (InfoScore). The rows (prompt + reply) of a
+batch go through `OpenFlamingo` together; the tokens they all start with (the ICDs a beam already
+holds, for InfoScore) run once, and each row's rest continues from a copy of that cache. Unlike
+the chat backends no cache is shared with generation, so a reply costs about its prompt's unshared
+part.
 """
 
 from __future__ import annotations

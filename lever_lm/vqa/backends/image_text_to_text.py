@@ -19,6 +19,8 @@ without replies, so the answers are the same; then the prompts' part of the KV c
 leaves (every beam row of a prompt holds the same prompt) is cut back to each prompt but its last
 token, and all the batch's replies are scored as one batch of continuations from it. The prompts
 are read once, by generation, and the likelihoods cost only the replies' own tokens.
+`score_replies(prompts, replies)` gives the same likelihoods without generating (InfoScore needs
+only those): the prompts are prefilled, then the replies continue from that cache as above.
 
 This class is also the base of the Qwen2.5-VL backend, which overrides how a batch is encoded
 (`_prepare_image`, `_encode`) and turns `share_prefill` on.
@@ -154,8 +156,11 @@ class ImageTextToTextBackend(BatchedBackend):
         return cache if cache is not None else self._prefill(inputs)
 
     def _scoring_prefill(self, inputs: dict, batch: list[PreparedPrompt]) -> tuple[Any, dict]:
-        """The prefill `_score_texts` continues from, and the inputs in that cache's layout (here the
-        plain one; the Qwen2.5-VL backend runs the batch's common prefix once)."""
+        """The prefill `_score_texts` continues from, and the inputs in that cache's layout. Here the
+        plain prefill of every prompt: for an arbitrary chat VLM the processor lays out a batch's
+        pixels in a model-specific way that cannot be split per image, and models place positions by
+        rules of their own. The Qwen2.5-VL backend, which holds each image's features and knows
+        its positions, runs the batch's common prefix once."""
         return self._prefill(inputs), inputs
 
     def _prefill(self, inputs: dict):

@@ -31,6 +31,11 @@ both ways; on a GPU in bf16 the last prompt token runs as a cached one-token ste
 so rare near-ties can flip: the GPU check measures the agreement). Reply likelihoods
 (`generate(prompts, replies)`) continue from the prompts' part of that same cache, so they cost
 only the replies' own tokens (see `image_text_to_text`).
+
+Scoring replies without generating (`score_replies`, InfoScore) prefills the prompts itself, and
+runs the prefix every prompt of the batch shares -- the system turn and, for one beam's
+expansions, the ICDs the beam holds, images included -- once (`shared_prefix`): with 2 shots, at
+the second step, the system turn and the first of the prompt's three images and texts.
 """
 
 from __future__ import annotations
