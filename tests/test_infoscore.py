@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -485,3 +486,38 @@ def test_the_fingerprint_holds_what_shapes_likelihoods_and_not_decoding(split, d
     assert fingerprint({"vqa_model": {"generation": {"max_new_tokens": 9, "num_beams": 1}}}) == plain
     assert fingerprint({"vqa_model": {"system_prompt": "Answer briefly."}}) != plain
     assert fingerprint({}, beam_size=4) != plain and fingerprint({}, construct_order="left") != plain
+
+
+def test_unreadable_images_fail_their_prompts_and_a_query_without_its_own_image_is_left_out(
+    split, demo_dir, dataset, tmp_path, caplog
+):
+    vqa = tmp_path / "vqa"
+    shutil.copytree(split.image_root.parent.parent, vqa)
+    copy = Split("train", vqa)
+    image_ids = dataset.image_ids
+    by_image: dict[int, list[int]] = {}
+    for row, image in enumerate(image_ids):
+        by_image.setdefault(image, []).append(row)
+    images = list(by_image)
+    broken_icd, broken_query = by_image[images[0]][0], by_image[images[1]][0]
+    fine = [by_image[image][0] for image in images[2:10]]
+    for row in (broken_icd, broken_query):
+        copy.image_path(image_ids[row]).write_bytes(b"not an image")
+    query = fine[0]
+    pools = {str(query): [broken_icd, *fine[1:4]], str(broken_query): fine[4:8]}
+    (tmp_path / "pools.json").write_text(json.dumps(pools))
+    argv = [*_flags(copy), "--sampler_cache", str(tmp_path / "pools.json"), "--output_path", str(tmp_path / "b.json"),
+            "--vqa_model_path", str(demo_dir / "models" / "qwen2.5-vl-tiny"), "--device", "cpu", "--beam_size", "2",
+            "--no_progress"]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        cli.main(argv)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert list(data) == [str(query)], "the query whose own image cannot be read is left out"
+    assert all(broken_icd not in ids for ids in data[str(query)]["id_list"]) and len(data[str(query)]["id_list"]) == 2
+    meta = json.loads((tmp_path / "b.json.meta.json").read_text())
+    assert meta["counts"]["failed_prompts"] == 1 + 2 and str(broken_query) in meta["counts"]["unscorable_queries"]
+    assert f"query {broken_query} is left out of the output" in caplog.text
+    cli.main(argv)  # both are retried: the rerun finds them incomplete
+    journal = next((tmp_path / "b.json.journal").glob("*/shard-0-of-1.jsonl"))
+    attempts = [json.loads(line)["attempt"] for line in journal.read_bytes().splitlines()[1:]]
+    assert sorted(attempts) == [0, 0, 1, 1]

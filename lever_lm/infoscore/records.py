@@ -14,9 +14,9 @@ The last step's score is the lineage's meaning of `score_list` whatever the rank
 gain of a beam is the sum of its `shot_scores`.
 
 The journal line's `stats`: `prompts` scored, `failed_prompts` among them (`first_failure` says
-why), `answer` (the y scored), and `query_error` when the query's prompt without ICDs failed --
-then the entry is empty, the query is left out of the file, and a later run retries it, as it
-retries a query with failed prompts.
+why), `answer` (the y scored), and `query_error` when the query's prompt without ICDs failed, or
+every sequence's -- then the entry is empty, the query is left out of the file, and a later run
+retries it, as it retries a query with failed prompts.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def beam_stats(result: SearchResult, answer: str, first_failure: str | None) -> 
         stats["first_failure"] = first_failure
     if result.base_probability is None:
         stats["query_error"] = f"the query's prompt without ICDs failed: {first_failure}"
+    elif not result.beams:
+        stats["query_error"] = f"no sequence of its pool could be scored: {first_failure}"
     return stats
 
 
