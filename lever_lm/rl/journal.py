@@ -16,7 +16,8 @@ a flipped byte inside a string is caught, not used.
 
 Nothing read back is trusted. On open, every line is checked: the header must be this run's (a
 journal copied from other settings is refused), each record must be one of the shard's queries,
-follow the record schema (`lever_lm.rl.records`) and match its checksum. A query may appear again only
+follow its job's record schema (the header's `rules`: `lever_lm.rl.records` for RL data,
+`lever_lm.infoscore.records` for beam data) and match its checksum. A query may appear again only
 as a later `attempt` of an incomplete result (a retried failed evaluation); the latest attempt
 counts. A torn last line (the process died mid-write) is truncated away; a bad line anywhere else
 is an error naming the file and line, with the way out: `python -m lever_lm.rl.journal repair
