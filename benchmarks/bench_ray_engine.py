@@ -17,7 +17,12 @@ than 2x; no engine can scale past it). The local engine (this process, one threa
 (end to end only: it has no separate scoring phase). Every run must write the same bytes.
 """
 
+# ruff: noqa: E402 -- the process settings are applied before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import os

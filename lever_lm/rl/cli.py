@@ -11,7 +11,12 @@ Ctrl-C (130) or SIGTERM (143), both saying how far the journal got and that a re
 a failure of the machine -- an accelerator error, whole batches failing -- (3).
 """
 
+# ruff: noqa: E402 -- `python -m lever_lm.rl.cli` applies the process settings before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import contextlib
@@ -279,3 +284,7 @@ def _progress_note(args: argparse.Namespace) -> str:
         return "nothing was journaled yet"
     _, path, lines = max(counts)
     return f"{lines} queries are journaled in {path} and kept"
+
+
+if __name__ == "__main__":
+    main()

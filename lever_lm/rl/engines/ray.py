@@ -48,6 +48,7 @@ from ray.exceptions import (
 )
 
 from lever_lm.errors import InputError
+from lever_lm.process import apply_process_settings
 from lever_lm.rl.blocks import BlockScorer, QueryResult, blocks_of
 from lever_lm.rl.engines.progress import Progress
 from lever_lm.rl.inputs import Inputs
@@ -98,8 +99,7 @@ class BlockWorker:
     def setup(self, inputs: Inputs, spec: WorkerSpec) -> dict:
         """Load the backend (an InputError stops the run); say who and where this worker is."""
         started = time.time()
-        import lever_lm.models.v3.generate_rl_data  # noqa: F401 -- the generator's process settings, before CUDA starts
-
+        apply_process_settings()  # before CUDA starts (Ray started this process, not an entry point)
         torch.set_num_threads(spec.threads)
         _check_same_code_and_libraries(spec.expected)
         backend = load_backend(
