@@ -106,7 +106,7 @@ def generate(flags: list[str], output: Path, block: int) -> tuple[float | None, 
     """One run from an empty journal: (scoring seconds (Ray only), end-to-end seconds, candidates, output)."""
     args = build_parser().parse_args([*flags, f"--output_path={output}", f"--proposal_block={block}"])
     started = time.perf_counter()
-    summary = run_generation(request_from_args(args), block_size=block)
+    summary = run_generation(request_from_args(args))
     seconds = time.perf_counter() - started
     scoring = summary.engine["scoring_seconds"] if summary.engine else None
     return scoring, seconds, summary.candidates_processed, output.read_bytes()

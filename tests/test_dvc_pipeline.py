@@ -112,7 +112,7 @@ def test_exp_run_with_per_query_pools(repo: Path):
     data = json.loads((repo / "data/rl/rl_data.json").read_text())
     cache = json.loads((repo / "data/demo/sampler_cache.json").read_text())
     for key, entry in data.items():
-        assert entry["query"]["candidate_pool_ids"] == cache[key] and len(cache[key]) == 64
+        assert entry["candidate_pool_ids"] == cache[key] and len(cache[key]) == 64
         assert all(c["pointer_global"] == [cache[key][i] for i in c["pointer"]] for c in entry["pointer_candidates"])
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     runs = [run["data"] for commit in shown for exp in (commit.get("experiments") or []) for run in exp.get("revs", [])]

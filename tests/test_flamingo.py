@@ -254,8 +254,8 @@ def test_describe_settings_names_the_files_and_follows_their_content(tmp_path):
 def test_the_generator_runs_with_the_demo_openflamingo(rl_inputs, tmp_path):
     from lever_lm.data.beam_data import load_beam_data
     from lever_lm.models.v3 import generate_rl_data
+    from lever_lm.rl.checks import Expectations, load_rl_data, validate_rl_data
     from lever_lm.rl.records import RecordRules
-    from lever_lm.rl.validate import Expectations, load_rl_data, validate_rl_data
 
     output = tmp_path / "rl.json"
     generate_rl_data.main([

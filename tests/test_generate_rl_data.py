@@ -14,11 +14,11 @@ import pytest
 
 from lever_lm.data.beam_data import load_beam_data
 from lever_lm.models.v3 import generate_rl_data
+from lever_lm.rl.checks import Expectations, load_rl_data, validate_rl_data
 from lever_lm.rl.cli import request_from_args
 from lever_lm.rl.generate import run_generation
 from lever_lm.rl.journal import Journal, JournalSpec
 from lever_lm.rl.records import RecordRules
-from lever_lm.rl.validate import Expectations, load_rl_data, validate_rl_data
 from lever_lm.vqa.metric import vqa_accuracy
 
 SMALL = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "--num_random", "1", "--device", "cpu"]

@@ -34,9 +34,8 @@ from lever_lm.data.dataset_paths import add_dataset_arguments, resolve_dataset_p
 from lever_lm.errors import EXIT_INPUT_ERROR, exit_on_input_error
 from lever_lm.models.v3.pools import POOL_MODES, SAMPLERS, PoolSettings
 from lever_lm.models.v3.proposals import ProposalSettings
-from lever_lm.rl.blocks import PROPOSAL_BLOCK
 from lever_lm.rl.generate import run_generation
-from lever_lm.rl.request import ENGINES, GenerationRequest
+from lever_lm.rl.request import ENGINES, PROPOSAL_BLOCK, GenerationRequest
 from lever_lm.vqa.backends import available_backends
 from lever_lm.vqa.backends.base import GenerationAborted
 from lever_lm.vqa.metric import MODES
@@ -215,6 +214,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         ),
         pools=PoolSettings(args.pool, args.pool_size, args.sampler, args.sampler_cache),
         shot_num=args.shot_num,
+        proposal_block=args.proposal_block,
         eval_mode=args.eval_mode,
         gt_prob=args.gt_prob,
         device=args.device,
@@ -239,11 +239,8 @@ def _path_or_none(value) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    if args.proposal_block < 1:
-        print(f"error: --proposal_block must be >= 1 (got {args.proposal_block})", file=sys.stderr)
-        raise SystemExit(EXIT_INPUT_ERROR)
     with exit_on_input_error(), _one_line_stops(args):
-        run_generation(request_from_args(args), block_size=args.proposal_block)
+        run_generation(request_from_args(args))
 
 
 @contextlib.contextmanager

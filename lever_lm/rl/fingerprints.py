@@ -38,7 +38,7 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:FINGERPRINT_LENGTH]
 
 
-def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) -> dict:
+def run_settings(request: GenerationRequest, inputs: Inputs) -> dict:
     """The JSON-serialisable settings dict whose hash names the journal directory."""
     paths = request.dataset
     files = {
@@ -60,7 +60,7 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
         "proposal_code": {
             "scan_chunk": proposals.SCAN_CHUNK,
             "draw_block": proposals.DRAW_BLOCK,
-            "query_block": block_size,
+            "query_block": request.proposal_block,
         },
         "eval_mode": request.eval_mode,
         "gt_prob": request.gt_prob,

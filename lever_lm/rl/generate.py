@@ -28,11 +28,12 @@ import torch
 
 import lever_lm
 from lever_lm.rl import fingerprints
-from lever_lm.rl.blocks import PROPOSAL_BLOCK, BlockScorer, QueryResult, shard_of
+from lever_lm.rl.blocks import BlockScorer, QueryResult, shard_of
 from lever_lm.rl.engines.local import run_local
 from lever_lm.rl.inputs import Inputs, load_inputs
 from lever_lm.rl.journal import Journal, JournalSpec, shard_file_name
-from lever_lm.rl.output import collect_journal_index, write_final_json, write_meta
+from lever_lm.rl.meta import ModelSource, RunCounts, RunInfo, RunMeta, RunSettings, write_meta
+from lever_lm.rl.output import collect_journal_index, write_final_json
 from lever_lm.rl.records import RecordRules
 from lever_lm.rl.request import GenerationRequest, check_request
 from lever_lm.vqa.backends import load_backend
@@ -67,8 +68,11 @@ class RunPlan:
     inputs: Inputs
     settings: dict
     fingerprint: str
-    block_size: int
     rules: RecordRules
+
+    @property
+    def block_size(self) -> int:
+        return self.request.proposal_block
 
     def journal_spec(self, shard_id: int) -> JournalSpec:
         n = self.request.num_shards
@@ -80,9 +84,7 @@ class RunPlan:
         return directory / shard_file_name(shard_id, self.request.num_shards)
 
 
-def run_generation(
-    request: GenerationRequest, backend: VQABackend | None = None, block_size: int = PROPOSAL_BLOCK
-) -> RunSummary:
+def run_generation(request: GenerationRequest, backend: VQABackend | None = None) -> RunSummary:
     """Run (or resume) one shard of the job; write the final JSON when the run is unsharded.
 
     `backend`: an already loaded VQA backend (tests pass a fake one); by default the request's
@@ -90,7 +92,7 @@ def run_generation(
     """
     started = time.time()
     check_request(request)
-    plan = plan_run(request, block_size)
+    plan = plan_run(request)
     if request.merge_only:
         summary = RunSummary(plan.fingerprint, plan.journal_path(0).parent, len(plan.inputs.queries), 0)
         finish(plan, list(range(request.num_shards)), summary, started)
@@ -109,12 +111,12 @@ def run_generation(
     return summary
 
 
-def plan_run(request: GenerationRequest, block_size: int = PROPOSAL_BLOCK) -> RunPlan:
+def plan_run(request: GenerationRequest) -> RunPlan:
     """Read the inputs and fix the run's fingerprint."""
     inputs = load_inputs(request)
-    settings = fingerprints.run_settings(request, inputs, block_size)
+    settings = fingerprints.run_settings(request, inputs)
     rules = RecordRules(inputs.proposal.shot_num, len(inputs.dataset), inputs.pools.size if inputs.pools else None)
-    return RunPlan(request, inputs, settings, fingerprints.fingerprint(settings), block_size, rules)
+    return RunPlan(request, inputs, settings, fingerprints.fingerprint(settings), rules)
 
 
 def run_shard(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
@@ -182,14 +184,14 @@ def finish(plan: RunPlan, shard_ids: list[int], summary: RunSummary, started: fl
     index = collect_journal_index(journals)
     final = write_final_json(plan.request.output_path, plan.inputs.queries, index)
     summary.seconds = time.time() - started
-    summary.final, summary.output_path = final, plan.request.output_path
-    write_meta(plan.request.output_path, run_meta(plan, [path for path, _ in journals], summary))
-    log.info("%s", format_summary(final, summary.seconds))
-    if final["unscorable_queries"]:
+    summary.final, summary.output_path = final.as_dict(), plan.request.output_path
+    write_meta(plan.request.output_path, run_meta(plan, [path for path, _ in journals], summary, final.sha256))
+    log.info("%s", format_summary(summary.final, summary.seconds))
+    if final.unscorable:
         log.warning(
             "%d queries left out because their own image cannot be read (listed in the meta file); "
             "fix the images and rerun to score them",
-            len(final["unscorable_queries"]),
+            len(final.unscorable),
         )
 
 
@@ -206,36 +208,41 @@ def format_summary(final: dict, seconds: float) -> str:
     )
 
 
-def run_meta(plan: RunPlan, journals: list[Path], summary: RunSummary) -> dict:
+def run_meta(plan: RunPlan, journals: list[Path], summary: RunSummary, data_sha256: str) -> RunMeta:
+    """The meta sidecar of a finished run (`lever_lm.rl.meta`)."""
     import transformers
 
     request = plan.request
-    return {
-        "fingerprint": plan.fingerprint,
-        "settings": plan.settings,
-        "journals": [str(p) for p in journals],
-        "counts": summary.final,
-        "timing": {
+    return RunMeta(
+        fingerprint=plan.fingerprint,
+        data_sha256=data_sha256,
+        settings=RunSettings.parse(plan.settings),
+        journals=tuple(str(p) for p in journals),
+        counts=RunCounts.parse(summary.final),
+        run=RunInfo(
+            device=request.device,
+            batch_size=summary.batch_size,
+            num_shards=request.num_shards,
+            limit=request.limit,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        ),
+        timing={
             "seconds": round(summary.seconds, 3),
             "queries_processed_this_run": summary.queries_processed,
             "candidates_processed_this_run": summary.candidates_processed,
             "queries_retried_this_run": summary.queries_retried,
         },
-        "engine": summary.engine,
-        "run": {
-            "device": request.device,
-            "batch_size": summary.batch_size,
-            "num_shards": request.num_shards,
-            "limit": request.limit,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-        "versions": {
+        engine=summary.engine,
+        versions={
             "lever_lm": lever_lm.__version__,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "request": {
-            k: str(v) if isinstance(v, Path) else v for k, v in asdict(request).items() if k not in ("config",)
-        },
-    }
+        request={k: str(v) if isinstance(v, Path) else v for k, v in asdict(request).items() if k != "config"},
+        model=ModelSource(request.vqa_model, request.vqa_model_path, _str_or_none(request.config_path)),
+    )
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)

@@ -84,17 +84,22 @@ def load_inputs(request: GenerationRequest) -> Inputs:
     proposal = dataclasses.replace(request.proposal, shot_num=request.shot_num or beam.shot_num)
     all_queries = list(beam.query_ids)
     queries = all_queries[: request.limit] if request.limit else all_queries
-    answers = scoring_answers(request, dataset, all_queries)  # a block straddling --limit scores them all
+    # a block straddling --limit scores them all
+    answers = scoring_answers(dataset, all_queries, request.val_ann_path, request.val_ques_path)
     return Inputs(dataset, beam, query_emb, cand_emb, pointer.eval(), proposal, all_queries, queries, answers, pools)
 
 
-def scoring_answers(request: GenerationRequest, dataset: VQADataset, queries: list[int]) -> dict[int, tuple[str, ...]]:
-    """The human answers that score each query: from --val_ann_path when it holds the question
-    (docs/formats.md §2, note), else from the training annotations the data set was read with."""
+def scoring_answers(
+    dataset: VQADataset, queries: list[int], val_ann_path: Path | None, val_ques_path: Path | None = None
+) -> dict[int, tuple[str, ...]]:
+    """The human answers that score each query: from `val_ann_path` when it holds the question
+    (docs/formats.md §2, note), else from the training annotations the data set was read with.
+    The generator and the validator both call this: one rule for which annotations score a query."""
     val = {}
-    if request.val_ann_path is not None:
-        _check_questions_file(request.val_ques_path)  # questions themselves come from the data set
-        val = load_annotations(request.val_ann_path)
+    if val_ann_path is not None:
+        if val_ques_path is not None:
+            _check_questions_file(val_ques_path)  # questions themselves come from the data set
+        val = load_annotations(val_ann_path)
     answers, from_train = {}, 0
     for query in queries:
         item = dataset[query]
@@ -105,14 +110,14 @@ def scoring_answers(request: GenerationRequest, dataset: VQADataset, queries: li
             answers[query] = item.answers
             from_train += 1
         if not answers[query]:
-            where = request.val_ann_path or request.dataset.train_ann_path
+            where = val_ann_path or dataset.annotations_path
             raise InputError(where, f"no answers for question {item.question_id}")
     if val and from_train:
         log.info(
             "%d of %d queries are not in %s; scored with the training annotations",
             from_train,
             len(queries),
-            request.val_ann_path,
+            val_ann_path,
         )
     return answers
 

@@ -1,4 +1,4 @@
-"""The final RL data JSON (docs/formats.md §5), written from journals, and its `<output>.meta.json` sidecar.
+"""The final RL data JSON (docs/formats.md §5), written from journals, with its counts and sha256.
 
 The final file is an object keyed by `str(query_idx)` in beam-data key order, one query per line
 (`{\\n"12": {...},\\n"40": {...}\\n}`): valid JSON that the GRPO trainer reads with `json.load`, yet
@@ -7,11 +7,13 @@ streamable, so a VQAv2-sized file never has to sit in memory. Entries are copied
 is written to a temporary name and renamed, so it is never half-written.
 
 A query whose own image could not be read has no real scores, so it is left out of the file
-(a group of zeros would look like data); the meta sidecar and the log name it and the reason.
+(a group of zeros would look like data); the meta sidecar (`lever_lm.rl.meta`) and the log name
+it and the reason. The sidecar also holds the sha256 of the bytes written here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ class FinalCounts:
 
     totals: MethodTotals = field(default_factory=MethodTotals)
     unscorable: dict[int, str] = field(default_factory=dict)  # query -> why it is left out
+    sha256: str = ""  # of the file's bytes
 
     def as_dict(self) -> dict:
         return {**self.totals.as_dict(), "unscorable_queries": {str(q): r for q, r in self.unscorable.items()}}
@@ -45,8 +48,8 @@ def collect_journal_index(journals: Sequence[tuple[Path, JournalSpec]]) -> dict[
     return index
 
 
-def write_final_json(output_path: Path, query_order: Sequence[int], index: dict[int, tuple[Path, int]]) -> dict:
-    """Write the final JSON for `query_order` from the journals; return the counts.
+def write_final_json(output_path: Path, query_order: Sequence[int], index: dict[int, tuple[Path, int]]) -> FinalCounts:
+    """Write the final JSON for `query_order` from the journals; return its counts and sha256.
 
     Journaled queries outside `query_order` (e.g. beyond --limit) are simply not written.
     """
@@ -55,10 +58,16 @@ def write_final_json(output_path: Path, query_order: Sequence[int], index: dict[
         head = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise InputError(output_path, f"{len(missing)} queries not journaled yet ({head}); finish every shard first")
     handles: dict[Path, object] = {}
-    counts = FinalCounts()
+    counts, digest = FinalCounts(), hashlib.sha256()
     try:
-        with atomic_output(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-            out.write("{")
+        with atomic_output(output_path) as tmp, open(tmp, "wb") as out:
+
+            def write(text: str) -> None:
+                data = text.encode("utf-8")
+                digest.update(data)
+                out.write(data)
+
+            write("{")
             for query_idx in query_order:
                 journal, offset = index[query_idx]
                 handle = handles.get(journal) or handles.setdefault(journal, open(journal, "rb"))
@@ -68,22 +77,11 @@ def write_final_json(output_path: Path, query_order: Sequence[int], index: dict[
                     continue
                 separator = "\n" if counts.totals.queries == 0 else ",\n"
                 entry = json.dumps(record["entry"], ensure_ascii=False, allow_nan=False)
-                out.write(f"{separator}{json.dumps(str(query_idx))}: {entry}")
+                write(f"{separator}{json.dumps(str(query_idx))}: {entry}")
                 counts.totals.add(record["entry"], record["stats"])
-            out.write("\n}\n")
+            write("\n}\n")
     finally:
         for handle in handles.values():
             handle.close()
-    return counts.as_dict()
-
-
-def write_meta(output_path: Path, meta: dict) -> Path:
-    """The run metadata sidecar `<output>.meta.json` (kept out of the data file, docs/formats.md §5)."""
-    meta_path = meta_path_for(output_path)
-    with atomic_output(meta_path) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    return meta_path
-
-
-def meta_path_for(output_path: Path) -> Path:
-    return output_path.with_name(output_path.name + ".meta.json")
+    counts.sha256 = digest.hexdigest()
+    return counts
