@@ -213,3 +213,17 @@ def test_without_gt_prob_only_the_hard_and_soft_mode_is_reported(good):
     metrics = compute_metrics(good)
     assert "gt_rho" not in metrics
     assert list(compute_breakdown(good)["reward_modes"]) == ["hard_plus_soft"]
+
+
+def test_a_file_with_its_pools_inside_query_is_refused_in_one_line(tmp_path, good):
+    """The layout of earlier versions: the lineage's trainer would read its local pointers as global rows."""
+    old = copy.deepcopy(good)
+    for entry in old.values():
+        entry["query"]["candidate_pool_ids"] = [1, 2, 4, 5, 0, 9]
+    path = tmp_path / "rl.json"
+    path.write_text(json.dumps(old))
+    with pytest.raises(InputError) as error:
+        load_rl_data(path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "2 queries hold candidate_pool_ids inside 'query'" in message and "regenerate the file" in message
