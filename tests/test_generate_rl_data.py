@@ -268,12 +268,14 @@ def run_without_model_main(args: list[str]) -> None:
 
 
 def test_no_temperatures_means_no_sampling(rl_inputs, tmp_path):
-    from stages.generate_rl_data import argv_from_params
+    from lever_lm.rl.params import argv_from_params
 
-    flags = argv_from_params({"temps": [], "num_samples_per_temp": 2, "seed": 3, "unrelated": 1, "gt_prob": True})
-    assert flags == ["--temps", "--num_samples_per_temp", "2", "--seed", "3"]
+    parser = generate_rl_data.build_parser()
+    params = {"temps": [], "num_samples_per_temp": 2, "seed": 3, "unrelated": 1, "gt_prob": True}
+    flags = argv_from_params(params, parser)
+    assert flags == ["--temps", "--num_samples_per_temp=2", "--seed=3"]
     switches = {"gt_prob": False, "exclude_same_image": True}
-    assert argv_from_params(switches) == ["--exclude_same_image", "--no_gt_prob"]
+    assert argv_from_params(switches, parser) == ["--exclude_same_image", "--no_gt_prob"]
     output = tmp_path / "rl.json"
     generate_rl_data.main(argv(rl_inputs, output, "--limit", "2") + flags)
     methods = {c["gen_method"] for e in load_rl_data(output).values() for c in e["pointer_candidates"]}

@@ -101,8 +101,8 @@ def summary_line(report: ValidationReport) -> str:
     )
     if audit is not None:
         line += (
-            f"; audit: the VQA model re-run on {audit['candidates']} of {audit['of']} candidates (seed {audit['seed']}), "
-            f"{audit['answers_differ']} answers and {audit['accuracies_differ']} accuracies differ"
+            f"; audit: the VQA model re-run on {audit['candidates']} of {audit['of']} candidates "
+            f"(seed {audit['seed']}), {audit['answers_differ']} answers and {audit['accuracies_differ']} accuracies differ"
         )
     return line
 
