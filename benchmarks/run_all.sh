@@ -12,6 +12,7 @@ if [ -n "${QUICK:-}" ]; then
     $PY benchmarks/bench_vqa_scoring.py --queries 8 --repeats 1
     $PY benchmarks/bench_gt_prob.py --queries 8 --repeats 3
     $PY benchmarks/bench_ray_engine.py --queries 64 --repeats 1
+    $PY benchmarks/bench_entry_points.py --queries 16 --repeats 1  # needs data/demo (dvc repro generate_rl_data)
 else
     $PY benchmarks/bench_metric.py
     $PY benchmarks/bench_proposals.py
@@ -19,4 +20,5 @@ else
     $PY benchmarks/bench_vqa_scoring.py
     $PY benchmarks/bench_gt_prob.py
     $PY benchmarks/bench_ray_engine.py
+    $PY benchmarks/bench_entry_points.py
 fi
