@@ -12,8 +12,10 @@ Both apply the process settings (`lever_lm.process`: idle OpenMP threads sleep) 
 loads. A reference run gives the stage `OMP_WAIT_POLICY=ACTIVE` (a user's value wins): it shows
 what spinning threads cost on a shared CPU. While they run, a busy loop holds one core. Each run
 starts from an empty journal; the paths take turns for `--repeats` rounds and the medians count.
-Two figures per run: the generation time from the meta sidecar (inputs to final JSON) and the
-process's wall time (also Python start, imports, model load). Every run must write the same bytes.
+Three figures per run: the generation time from the meta sidecar (inputs to final JSON), the
+process's wall time (also Python start, imports, model load), and the CPU time it used (user +
+system; spinning threads burn CPU even where the wall time is lost in the noise of a shared
+machine). Every run must write the same bytes.
 """
 
 # ruff: noqa: E402 -- the process settings are applied before torch is imported
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,13 +49,18 @@ def stage_flags() -> list[str]:
     return stage_argv(ROOT / "params.yaml", ROOT / "dvc.yaml", build_parser())
 
 
-def run(command: list[str], output: Path, env: dict) -> tuple[float, float, bytes]:
-    """(generation seconds from the sidecar, wall seconds, output bytes) of one fresh run."""
-    started = time.perf_counter()
+def run(command: list[str], output: Path, env: dict) -> tuple[tuple[float, float, float], bytes]:
+    """((generation seconds from the sidecar, wall seconds, CPU seconds), output bytes) of one fresh run."""
+    cpu_before, started = _children_cpu(), time.perf_counter()
     subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, _children_cpu() - cpu_before
     meta = json.loads(output.with_name(output.name + ".meta.json").read_text())
-    return meta["timing"]["seconds"], wall, output.read_bytes()
+    return (meta["timing"]["seconds"], wall, cpu), output.read_bytes()
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -74,7 +82,7 @@ def main() -> None:
     print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ways}
     outputs = set()
     try:
         with tempfile.TemporaryDirectory(prefix="bench_entry_points_") as tmp:
@@ -82,24 +90,23 @@ def main() -> None:
                 for name, (command, run_env) in ways.items():
                     output = Path(tmp) / f"{round_}-{len(times[name])}-{name.split(',')[0]}" / "rl.json"
                     extra = ["--limit", str(args.queries), "--output_path", str(output), "--no_progress"]
-                    seconds, wall, data = run([*command, *extra], output, run_env)
-                    times[name].append((seconds, wall))
+                    figures, data = run([*command, *extra], output, run_env)
+                    times[name].append(figures)
                     outputs.add(data)
-                    print(f"round {round_ + 1}: {name}: generation {seconds:.1f} s, process {wall:.1f} s")
+                    print(f"round {round_ + 1}: {name}: generation {figures[0]:.1f} s, process {figures[1]:.1f} s, "
+                          f"CPU {figures[2]:.1f} s")  # fmt: skip
     finally:
         busy.kill()
         busy.wait()
     print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     assert len(outputs) == 1, "every run must write the same bytes"
-    median = {
-        name: (statistics.median(s for s, _ in t), statistics.median(w for _, w in t)) for name, t in times.items()
-    }
+    median = {name: [statistics.median(f[i] for f in t) for i in range(3)] for name, t in times.items()}
     base = median["seed"]
-    print(f"\n{args.queries} queries, one core held by a busy loop; medians of {args.repeats} rounds:")
-    for name, (seconds, wall) in median.items():
+    print(f"\n{args.queries} queries, one core held by a busy loop; medians of {args.repeats} rounds (x the seed's):")
+    for name, (seconds, wall, cpu) in median.items():
         print(
-            f"  {name:32s} generation {seconds:6.1f} s ({seconds / base[0]:.2f}x the seed's), "
-            f"process {wall:6.1f} s ({wall / base[1]:.2f}x)"
+            f"  {name:30s} generation {seconds:5.1f} s ({seconds / base[0]:.2f}x), "
+            f"process {wall:5.1f} s ({wall / base[1]:.2f}x), CPU {cpu:5.1f} s ({cpu / base[2]:.2f}x)"
         )
 
 
