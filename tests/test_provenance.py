@@ -210,3 +210,13 @@ def test_validation_refuses_inputs_the_run_did_not_read(rl_inputs, copy_of_run, 
     outputs = ValidationOutputs(tmp_path / "m.json", tmp_path / "b.json", tmp_path / "plots")
     with pytest.raises(InputError, match="not the beam_data the run read"):
         run_validation(copy_of_run, other, rl_inputs.dataset_paths(), outputs)
+
+
+def test_a_file_of_the_earlier_layout_is_told_so_first(rl_inputs, copy_of_run):
+    data = read_json(copy_of_run)
+    for entry in data.values():
+        entry["query"]["candidate_pool_ids"] = list(range(16))
+    copy_of_run.write_text(json.dumps(data))
+    copy_of_run.with_name("rl.json.meta.json").unlink()  # an old run's sidecar would not do either
+    with pytest.raises(InputError, match=f"{LIMIT} queries hold candidate_pool_ids inside 'query'"):
+        validate(rl_inputs, copy_of_run)

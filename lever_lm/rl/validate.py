@@ -3,7 +3,8 @@
     python -m lever_lm.rl.validate --rl_data RL.json --beam_data B.json --train_* ... \\
         --metrics M.json --breakdown B.json --plots DIR [--audit N]
 
-1. the meta sidecar is read (required; `lever_lm.rl.meta`), the data file's sha256 and the
+1. the data file is read (a file of the layout of earlier versions is refused in one line), the
+   meta sidecar is read (required; `lever_lm.rl.meta`), and the data file's sha256 and the
    inputs are checked against it (`lever_lm.rl.provenance`);
 2. the file is checked against the format's rules and everything the inputs let us recompute
    (`lever_lm.rl.checks`), its counts against the sidecar's, each unscorable query's image, and
@@ -62,12 +63,12 @@ def run_validation(
     audit: AuditSettings | None = None,
 ) -> ValidationReport:
     """Check the RL file and its provenance, audit it if asked, then write metrics, the breakdown and plots."""
+    data = load_rl_data(rl_path)  # first: a file of an earlier layout is told so, whatever its sidecar
     meta = read_meta(rl_path)
     provenance.check_data_digest(rl_path, meta)
     provenance.check_inputs(meta, beam_data_path, dataset_paths, val_ann_path)
     dataset = dataset_paths.load()
     beam = load_beam_data(beam_data_path, len(dataset))
-    data = load_rl_data(rl_path)
     expected = expectations_for(dataset, beam.query_ids, meta, val_ann_path, max_failed_share, sampler_cache)
     validate_rl_data(rl_path, data, expected)
     journal_problems, journal = provenance.journal_problems(data, meta, beam.query_ids)
