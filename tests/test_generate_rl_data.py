@@ -338,3 +338,59 @@ def test_a_limit_below_what_is_journaled_writes_the_first_queries(reference, rl_
     run_without_model(argv(rl_inputs, limited, "--limit", "4", *journal))
     full = load_rl_data(reference)
     assert load_rl_data(limited) == {k: full[k] for k in list(full)[:4]}
+
+
+def _interrupt_after(cmd: list[str], journal_root: Path, lines: int, env: dict | None = None) -> None:
+    """Run the generator in a subprocess and Ctrl-C it once its journal holds `lines` lines."""
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        journals = list(journal_root.glob("*/shard-0-of-1.jsonl"))
+        if journals and journals[0].read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130, "the interrupt should land mid-run"
+
+
+def test_a_resume_keeps_the_batch_size_the_journal_pinned(reference, rl_inputs, tmp_path, caplog):
+    """The batch size moves vqa_gt_prob's last bits: a resume with another --batch_size still writes
+    the uninterrupted run's bytes, because the journal's header pins the first run's batch size."""
+    output = tmp_path / "rl.json"
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output)]
+    _interrupt_after(cmd, tmp_path / "rl.json.journal", lines=4)
+    header = json.loads(next((tmp_path / "rl.json.journal").glob("*/shard-0-of-1.jsonl")).read_text().splitlines()[0])
+    assert header["pinned"]["batch_size"] == 16 and header["pinned"]["torch_threads"] >= 1
+    caplog.set_level("WARNING", logger="lever_lm.rl.generate")
+    generate_rl_data.main(argv(rl_inputs, output, "--batch_size", "5"))
+    assert output.read_bytes() == reference.read_bytes()
+    assert "--batch_size 5 is not used" in caplog.text and "batch size 16" in caplog.text
+    meta = json.loads(output.with_name("rl.json.meta.json").read_text())
+    assert meta["run"]["batch_size"] == 16 and meta["run"]["torch_threads"] == header["pinned"]["torch_threads"]
+
+
+def test_a_resume_scores_with_the_thread_count_the_journal_pinned(rl_inputs, tmp_path, monkeypatch):
+    import torch
+
+    import lever_lm.rl.generate as generate
+
+    output = tmp_path / "rl.json"
+    flags = ["--limit", "4", "--proposal_block", "2"]
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output, *flags)]
+    _interrupt_after(cmd, tmp_path / "rl.json.journal", lines=2, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen, run_local = [], generate.run_local
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return run_local(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "run_local", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate_rl_data.main(argv(rl_inputs, output, *flags))
+        assert seen == [1], "the resume must score with the first run's thread count"
+        assert torch.get_num_threads() == 2, "and give the process its own back"
+    finally:
+        torch.set_num_threads(before)

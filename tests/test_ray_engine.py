@@ -205,7 +205,7 @@ def test_a_block_that_loses_three_workers_stops_the_run_naming_it(monkeypatch):
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     monkeypatch.setattr(Dispatcher, "start_worker", lambda self: self.workers.append(Worker(len(self.workers), None)))
     block = Block(3, [10, 11, 12, 13], {12, 13})  # 10 and 11 are journaled already
-    dispatcher = Dispatcher(None, None, 0, [Block(4, [14, 15], {14, 15})], on_result=None)
+    dispatcher = Dispatcher(None, None, 0, [Block(4, [14, 15], {14, 15})], on_result=None, pin_batch_size=None)
     for attempt in range(1, 3):
         worker = Worker(len(dispatcher.workers), None, info={"pid": 1}, block=block)
         dispatcher.workers.append(worker)
