@@ -250,3 +250,36 @@ def test_a_worker_hands_back_every_finished_query_then_the_error_that_stopped_it
         assert fail_after == 1 and collected == [5]
     else:
         assert fail_after is None and collected == [5, 6, 7]
+
+
+def test_a_local_journal_resumes_on_ray_with_its_pinned_batch_size_and_threads(
+    cluster, local_output, rl_inputs, tmp_path, one_torch_thread
+):
+    """Started by the local engine (1 thread, batch 16, as `local_output`), interrupted, resumed on Ray
+    with another --batch_size: the workers score with the journal's pins, and the bytes are the local run's."""
+    output = tmp_path / "rl.json"
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output)]
+    local = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    journal = None
+    deadline = time.time() + 180
+    while time.time() < deadline and local.poll() is None:
+        journals = list((tmp_path / "rl.json.journal").glob("*/shard-0-of-1.jsonl"))
+        if journals and journals[0].read_bytes().count(b"\n") >= 3:
+            journal = journals[0]
+            break
+        time.sleep(0.05)
+    local.send_signal(signal.SIGINT)
+    assert local.wait(timeout=60) == 130 and journal is not None, "the interrupt should land mid-run"
+    generate_rl_data.main(ray_argv(rl_inputs, output, cluster, "--num_workers", "1", "--batch_size", "5"))
+    assert output.read_bytes() == local_output.read_bytes()
+    workers = json.loads(output.with_name("rl.json.meta.json").read_text())["engine"]["workers"]
+    assert [(w["batch_size"], w["torch_threads"]) for w in workers] == [(16, 1)]
+
+    # A journal that pinned 2 threads (a local run on a 2-core machine) is resumed with 2 per worker.
+    header, *records = journal.read_bytes().splitlines(keepends=True)
+    pinned = json.loads(header)
+    pinned["pinned"]["torch_threads"] = 2
+    journal.write_bytes(json.dumps(pinned, separators=(",", ":")).encode() + b"\n" + b"".join(records[:-2]))
+    generate_rl_data.main(ray_argv(rl_inputs, output, cluster, "--num_workers", "1"))
+    workers = json.loads(output.with_name("rl.json.meta.json").read_text())["engine"]["workers"]
+    assert [(w["batch_size"], w["torch_threads"]) for w in workers] == [(16, 2)]

@@ -104,7 +104,7 @@ class BlockWorker:
         self.error: BaseException | None = None
 
     def setup(self, inputs: Inputs, spec: WorkerSpec) -> dict:
-        """Load the backend (an InputError stops the run); say who and where this worker is."""
+        """Load the backend (an InputError stops the run); say who and where this worker is, and how it scores."""
         started = time.time()
         import lever_lm.models.v3.generate_rl_data  # noqa: F401 -- the generator's process settings, before CUDA starts
 
@@ -123,6 +123,7 @@ class BlockWorker:
             "pid": os.getpid(),
             "gpus": [str(gpu) for gpu in ray.get_gpu_ids()],
             "batch_size": backend.batch_size,
+            "torch_threads": torch.get_num_threads(),
             "load_seconds": round(time.time() - started, 3),
         }
 
