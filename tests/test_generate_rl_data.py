@@ -394,3 +394,47 @@ def test_a_resume_scores_with_the_thread_count_the_journal_pinned(rl_inputs, tmp
         assert torch.get_num_threads() == 2, "and give the process its own back"
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("length", [240, 250])
+def test_an_output_name_too_long_for_the_file_system_fails_before_any_work(length, rl_inputs, tmp_path, capsys):
+    output = tmp_path / ("x" * (length - 5) + ".json")
+    with pytest.raises(SystemExit) as exit_info:
+        run_without_model_main(argv(rl_inputs, output))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"the file name ({length} characters) is too long for this file system" in err
+    assert list(tmp_path.iterdir()) == [], "nothing is created"
+
+
+def test_an_accelerator_error_in_the_proposer_stops_with_exit_3(rl_inputs, tmp_path, capsys, monkeypatch):
+    from lever_lm.models.v3.proposals import Proposer
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Proposer, "propose", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        run_without_model_main(argv(rl_inputs, tmp_path / "rl.json"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "error: stopped: the accelerator failed (RuntimeError: CUDA error: an illegal memory access" in err
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("which", ["--beam_data", "--train_ann_path", "--train_ques_path", "--sampler_cache"])
+def test_json_nested_too_deep_in_any_input_is_one_error_line(which, rl_inputs, tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"annotations": ' + DEEP + "}")
+    args = argv(rl_inputs, tmp_path / "rl.json")
+    if which == "--sampler_cache":
+        args += ["--pool", "per_query", "--pool_size", "8", "--sampler_cache", str(deep)]
+    else:
+        args[args.index(which) + 1] = str(deep)
+    with pytest.raises(SystemExit) as exit_info:
+        run_without_model_main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"error: {deep}: not valid JSON: nested deeper than" in err

@@ -36,7 +36,7 @@ from lever_lm.rl.blocks import PROPOSAL_BLOCK, BlockScorer, QueryResult, shard_o
 from lever_lm.rl.engines.local import run_local
 from lever_lm.rl.inputs import Inputs, load_inputs
 from lever_lm.rl.journal import Journal, JournalSpec, Pins, shard_file_name
-from lever_lm.rl.output import collect_journal_index, write_final_json, write_meta
+from lever_lm.rl.output import check_output_names, collect_journal_index, write_final_json, write_meta
 from lever_lm.rl.records import RecordRules
 from lever_lm.rl.request import GenerationRequest, check_request
 from lever_lm.vqa.backends import load_backend
@@ -94,6 +94,7 @@ def run_generation(
     model is loaded, and only when there is work to do.
     """
     started = time.time()
+    check_output_names(request.output_path)
     check_request(request)
     plan = plan_run(request, block_size)
     if request.merge_only:

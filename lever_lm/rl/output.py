@@ -12,6 +12,7 @@ A query whose own image could not be read has no real scores, so it is left out 
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,3 +88,32 @@ def write_meta(output_path: Path, meta: dict) -> Path:
 
 def meta_path_for(output_path: Path) -> Path:
     return output_path.with_name(output_path.name + ".meta.json")
+
+
+class _Probe(Exception):
+    """Ends a probing `atomic_output` before it replaces anything."""
+
+
+def check_output_names(output_path: Path) -> None:
+    """Create, and remove at once, the temporary file of the longest name the run writes beside the
+    output (the sidecar's), as the final write will, in the output's directory or its nearest
+    existing ancestor: a name too long for the file system fails now, before any work, not after
+    it. Other problems of the location are `request.check_output_location`'s to report."""
+    directory = output_path.parent
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    if not directory.is_dir():
+        return
+    try:
+        with atomic_output(directory / meta_path_for(output_path).name):
+            raise _Probe
+    except _Probe:
+        pass
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            return
+        raise InputError(
+            output_path,
+            f"the file name ({len(output_path.name)} characters) is too long for this file system once the "
+            "run adds its suffixes (the '.meta.json' sidecar and its temporary file); use a shorter --output_path",
+        ) from None
