@@ -438,3 +438,30 @@ def test_json_nested_too_deep_in_any_input_is_one_error_line(which, rl_inputs, t
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"error: {deep}: not valid JSON: nested deeper than" in err
+
+
+def test_a_lever_plus_rl_checkpoint_is_a_pointer_for_the_next_round(reference, rl_inputs, tmp_path):
+    """The `.pt` that Lever-Plus's grpo_post_train writes (here holding the SFT pointer's weights)
+    makes the same data as the SFT checkpoint it came from."""
+    import torch
+
+    from lever_lm.models.v2.checkpoint import load_pointer_checkpoint
+
+    pointer = load_pointer_checkpoint(rl_inputs.sft_ckpt)
+    rl_checkpoint = tmp_path / "grpo_epoch1.pt"
+    torch.save(
+        {
+            "epoch": 0,
+            "phase": "grpo",
+            "model_state_dict": pointer.state_dict(),
+            "kl_beta": 0.1,
+            "metrics": {"grpo_loss": 0.3, "kl": 0.01},
+        },
+        rl_checkpoint,
+    )
+    output = tmp_path / "rl.json"
+    args = argv(rl_inputs, output, "--limit", "2")
+    args[args.index("--sft_ckpt") + 1] = str(rl_checkpoint)
+    generate_rl_data.main(args)
+    full = load_rl_data(reference)
+    assert load_rl_data(output) == {k: full[k] for k in list(full)[:2]}
