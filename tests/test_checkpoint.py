@@ -358,3 +358,20 @@ def test_an_rl_checkpoint_without_weights_names_its_key(tmp_path):
     torch.save({"epoch": 0, "phase": "grpo", "model_state_dict": {}, "kl_beta": 0.1, "metrics": {}}, path)
     with pytest.raises(InputError, match="no 'model_state_dict'"):
         load_pointer_checkpoint(path)
+
+
+class AttributeDict(dict):  # like Lightning's hparams container: a dict subclass, filled by SETITEMS
+    pass
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_hyper_parameters_of_many_kinds_load_as_data(tmp_path, monkeypatch, protocol):
+    import argparse
+
+    model = _model(24, 16, 1, True)
+    hparams = AttributeDict(lr=0.1, dirs={1, 2}, path=Path("/data/okvqa"), cfg=argparse.Namespace(shot=2, ks=[1, 2]))
+    path = tmp_path / "hp.ckpt"
+    state = {POINTER_PREFIX + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path, pickle_protocol=protocol)
+    monkeypatch.delattr(sys.modules[__name__], "AttributeDict")
+    _same_weights(model, load_pointer_checkpoint(path))

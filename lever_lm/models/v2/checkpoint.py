@@ -15,6 +15,7 @@ so every missing, unexpected or mis-shaped pointer key is an InputError that lis
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import logging
 import pickle
@@ -129,21 +130,20 @@ class InertObject:
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
-        self.items: dict = {}
-        self.elements: list = []
 
     def __setstate__(self, state):
         self.state = state
 
-    # A stand-in for a dict or list subclass (Lightning's AttributeDict, say) is filled like one.
+    # A stand-in for a dict or list subclass (Lightning's AttributeDict, say) is filled like one
+    # (NEWOBJ makes it without calling __init__).
     def __setitem__(self, key, value):
-        self.items[key] = value
+        self.__dict__.setdefault("mapping", {})[key] = value
 
     def append(self, value):
-        self.elements.append(value)
+        self.__dict__.setdefault("elements", []).append(value)
 
     def extend(self, values):
-        self.elements.extend(values)
+        self.__dict__.setdefault("elements", []).extend(values)
 
 
 def _allowed_globals() -> dict:
@@ -191,6 +191,9 @@ class _DataOnlyUnpickler(pickle._Unpickler):
     _allowed: dict | None = None
 
     def find_class(self, module: str, name: str):
+        if self.proto < 3 and self.fix_imports:  # Python 2 names, as pickle maps them (`__builtin__.set`)
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         allowed = self._allowlist().get(f"{module}.{name}")
         if allowed is not None:
             return allowed
