@@ -19,6 +19,7 @@ from lever_lm.rl.journal import (
     main,
     prune_journals,
     read_index,
+    read_pins,
     repair_file,
 )
 from lever_lm.rl.records import RecordRules
@@ -325,3 +326,22 @@ def test_a_deeply_nested_line_is_one_error_line_everywhere(tmp_path: Path, capsy
 
 def _record(query_idx: int) -> dict:
     return {"query_idx": query_idx, "attempt": 0, "entry": entry(query_idx), "stats": {}}
+
+
+def test_read_pins_reads_the_header_alone(tmp_path: Path):
+    with Journal.open(tmp_path, SPEC) as journal:
+        journal.pin(Pins(8, None))
+        journal.append(1, entry(1))
+    assert read_pins(journal.path) == Pins(8, None)
+
+
+def test_a_merge_of_shards_with_other_pins_warns(caplog):
+    from lever_lm.rl.generate import RunSummary, _note_shard_pins
+
+    same = RunSummary("fp", Path("j"), 4, 0)
+    _note_shard_pins([Pins(16, 2), Pins(16, 2)], same)
+    assert (same.batch_size, same.torch_threads) == (16, 2) and not caplog.text
+    other = RunSummary("fp", Path("j"), 4, 0)
+    _note_shard_pins([Pins(16, None), Pins(32, None)], other)
+    assert other.batch_size is None
+    assert "shard 0: batch size 16, shard 1: batch size 32" in caplog.text and "--batch_size" in caplog.text

@@ -35,7 +35,7 @@ from lever_lm.rl import fingerprints
 from lever_lm.rl.blocks import PROPOSAL_BLOCK, BlockScorer, QueryResult, shard_of
 from lever_lm.rl.engines.local import run_local
 from lever_lm.rl.inputs import Inputs, load_inputs
-from lever_lm.rl.journal import Journal, JournalSpec, Pins, shard_file_name
+from lever_lm.rl.journal import Journal, JournalSpec, Pins, read_pins, shard_file_name
 from lever_lm.rl.output import check_output_names, collect_journal_index, write_final_json, write_meta
 from lever_lm.rl.records import RecordRules
 from lever_lm.rl.request import GenerationRequest, check_request
@@ -248,6 +248,8 @@ def finish(plan: RunPlan, shard_ids: list[int], summary: RunSummary, started: fl
     """Write the final JSON from the shard journals, and the meta sidecar."""
     journals = [(plan.journal_path(i), plan.journal_spec(i)) for i in shard_ids]
     index = collect_journal_index(journals)
+    if len(shard_ids) > 1:
+        _note_shard_pins([read_pins(path) for path, _ in journals], summary)
     final = write_final_json(plan.request.output_path, plan.inputs.queries, index)
     summary.seconds = time.time() - started
     summary.final, summary.output_path = final, plan.request.output_path
@@ -259,6 +261,20 @@ def finish(plan: RunPlan, shard_ids: list[int], summary: RunSummary, started: fl
             "fix the images and rerun to score them",
             len(final["unscorable_queries"]),
         )
+
+
+def _note_shard_pins(pins: list[Pins | None], summary: RunSummary) -> None:
+    """The merged file's batch size and threads when every shard had the same; a warning otherwise."""
+    if len(set(pins)) == 1 and pins[0] is not None:
+        summary.batch_size, summary.torch_threads = pins[0].batch_size, pins[0].torch_threads
+        return
+    described = ", ".join(f"shard {i}: {p.describe() if p else '-'}" for i, p in enumerate(pins))
+    log.warning(
+        "the shards were scored with different batch sizes or thread counts (%s): each shard's bytes are "
+        "its own, and the merged file equals no single run's in the last bits; give every shard the same "
+        "--batch_size to avoid this",
+        described,
+    )
 
 
 # -- reporting ------------------------------------------------------------------------------------

@@ -388,6 +388,12 @@ def _corrupt(path: Path, number: int, problem: str) -> InputError:
     )
 
 
+def read_pins(path: Path) -> Pins | None:
+    """What a journal file's header pinned (read from its first line alone; `read_index` checks it)."""
+    with open(path, "rb") as handle:
+        return Pins.from_header(_parse_header(handle.readline()).get("pinned"))
+
+
 def read_entry(handle: IO[bytes], offset: int) -> dict:
     """The record at `offset` of an indexed (hence checked) journal file, its checksum verified again."""
     binding = _BINDINGS.get(handle)
