@@ -283,3 +283,22 @@ def test_a_local_journal_resumes_on_ray_with_its_pinned_batch_size_and_threads(
     generate_rl_data.main(ray_argv(rl_inputs, output, cluster, "--num_workers", "1"))
     workers = json.loads(output.with_name("rl.json.meta.json").read_text())["engine"]["workers"]
     assert [(w["batch_size"], w["torch_threads"]) for w in workers] == [(16, 2)]
+
+
+def test_an_open_gpu_batch_size_is_chosen_by_one_worker_before_the_others_load(monkeypatch):
+    """On CUDA each worker would size its batch from its own free memory: the first decides for all."""
+    from dataclasses import replace
+
+    from lever_lm.rl.engines.ray import WorkerSpec
+
+    monkeypatch.setattr(Dispatcher, "start_worker", lambda self: self.workers.append(Worker(len(self.workers), None)))
+    spec = WorkerSpec("qwen", None, {}, None, "vqaEval", True, "cuda:0", 32, 1, {})
+    pinned = []
+    dispatcher = Dispatcher(None, spec, 1, [], None, pinned.append, load_one_first=True)
+    dispatcher.start_workers(3)
+    assert len(dispatcher.workers) == 1
+    dispatcher.ready(dispatcher.workers[0], {"node": "n", "pid": 1, "gpus": ["0"], "batch_size": 24, "load_seconds": 1})
+    assert pinned == [24] and dispatcher.spec == replace(spec, batch_size=24) and len(dispatcher.workers) == 3
+    eager = Dispatcher(None, replace(spec, device="cpu"), 0, [], None, pinned.append)
+    eager.start_workers(3)
+    assert len(eager.workers) == 3

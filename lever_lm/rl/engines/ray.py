@@ -297,8 +297,16 @@ class RayEngine:
             def pin_batch_size(size: int) -> None:
                 pin(Pins(size, threads if on_cpu else None))
 
+            # On CUDA an open batch size comes from each worker's free memory: one worker decides it
+            # for all. On a CPU it is the config's (or the default) in every worker alike.
             dispatcher = Dispatcher(
-                ray.put(inputs), spec, self.gpus_per_worker, blocks, journal_and_count, pin_batch_size
+                ray.put(inputs),
+                spec,
+                self.gpus_per_worker,
+                blocks,
+                journal_and_count,
+                pin_batch_size,
+                load_one_first=spec.batch_size is None and not on_cpu,
             )
             dispatcher.run(num_workers)
         first_ready = dispatcher.first_ready or started
@@ -332,10 +340,12 @@ class Dispatcher:
         blocks: list[Block],
         on_result: Callable,
         pin_batch_size: Callable[[int], None],
+        load_one_first: bool = False,
     ):
         self.inputs_ref = inputs_ref
         self.spec = spec  # its batch_size is None until the first worker has chosen one
-        self.pin_batch_size = pin_batch_size
+        self.pin_batch_size = pin_batch_size  # the journal's `pin`: refuses a batch size other than its own
+        self.load_one_first = load_one_first  # the others load once the first has chosen the batch size
         self.num_workers = 0
         self.actor_class = ray.remote(BlockWorker).options(num_cpus=CPUS_PER_WORKER, num_gpus=gpus_per_worker)
         self.pending: deque[Block] = deque(blocks)
@@ -346,10 +356,8 @@ class Dispatcher:
         self.first_ready: float | None = None  # when the first worker could take a block
 
     def run(self, num_workers: int) -> None:
-        self.num_workers = num_workers
         try:
-            for _ in range(num_workers if self.spec.batch_size is not None else 1):  # else one decides it first
-                self.start_worker()
+            self.start_workers(num_workers)
             while self.pending or any(w.block is not None for w in self.workers):
                 self.hand_out()
                 ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=WAIT_NOTE_SECONDS)
@@ -373,6 +381,11 @@ class Dispatcher:
             for worker in self.workers:
                 ray.kill(worker.actor)
 
+    def start_workers(self, num_workers: int) -> None:
+        self.num_workers = num_workers
+        for _ in range(1 if self.load_one_first else num_workers):
+            self.start_worker()
+
     def start_worker(self) -> None:
         worker = Worker(len(self.workers), self.actor_class.remote())
         self.workers.append(worker)
@@ -381,11 +394,11 @@ class Dispatcher:
     def ready(self, worker: Worker, info: dict) -> None:
         worker.info = info
         self.first_ready = self.first_ready or time.time()
-        self.pin_batch_size(info["batch_size"])  # the journal refuses a batch size other than its pinned one
+        self.pin_batch_size(info["batch_size"])
         if self.spec.batch_size is None:
             self.spec = replace(self.spec, batch_size=info["batch_size"])
-            while sum(1 for w in self.workers if w.lost is None) < self.num_workers:
-                self.start_worker()
+        while sum(1 for w in self.workers if w.lost is None) < self.num_workers:
+            self.start_worker()  # with the batch size decided
         log.info(
             "Ray worker %d ready on %s: pid %d, GPUs %s, batch size %d, loaded in %.1fs",
             worker.number,
