@@ -1,7 +1,8 @@
 """Reading JSON inputs, and atomic file output.
 
-`read_json` is the one JSON reader of the project's inputs: a missing file, bad JSON, the wrong
-top-level type or (where asked) a key written twice is an `InputError` naming the file. A repeated
+`read_json` is the one JSON reader of the project's inputs: a missing file, bad JSON (nesting too
+deep for the parser included: `parse_json`), the wrong top-level type or (where asked) a key
+written twice is an `InputError` naming the file. A repeated
 key matters: `json.load` would silently keep the last value, so a hand-edited file could change a
 result without a word.
 
