@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,15 +113,51 @@ class VQADataset:
         return self.image_root / f"COCO_{self.image_subtype}_{image_id:012d}.jpg"
 
 
-def read_rgb_image(path: Path) -> Image.Image:
-    """Decode an image file fully (so a truncated file fails here, not later) as RGB."""
+def read_rgb_image(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image file fully (so a truncated file fails here, not later) as RGB.
+
+    With `max_pixels`, a larger image is decoded into that many pixels at most before it is
+    converted: a JPEG by its decoder's own scaling (1/2 .. 1/8, never holding the full size), any
+    other image by an integer box reduction right after decoding, one such image at a time (so that
+    threads reading several never hold several full-size pictures). An image within the cap is
+    decoded exactly as without one.
+    """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            if max_pixels is None or image.width * image.height <= max_pixels:
+                return image.convert("RGB")
+            with _LARGE_DECODE:
+                reduced = _decoded_within(image, max_pixels)
+                return reduced if reduced.mode == "RGB" and reduced is not image else reduced.convert("RGB")
     except FileNotFoundError:
         raise InputError(path, "image file not found (check the image root)") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise InputError(path, f"cannot read image: {error}") from None
+
+
+_LARGE_DECODE = threading.Lock()
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBa", "I", "F", "CMYK")
+
+
+def _decoded_within(image: Image.Image, max_pixels: int) -> Image.Image:
+    """`image` decoded at a size of at most `max_pixels`, aspect ratio kept (within a pixel)."""
+    factor = _reduction(image.width, image.height, max_pixels)
+    image.draft("RGB", (-(-image.width // factor), -(-image.height // factor)))  # JPEG only; a no-op otherwise
+    image.load()
+    factor = _reduction(image.width, image.height, max_pixels)
+    if factor == 1:
+        return image
+    if image.mode not in _REDUCIBLE_MODES:
+        image = image.convert("RGB")
+    return image.reduce(factor)
+
+
+def _reduction(width: int, height: int, max_pixels: int) -> int:
+    """The smallest integer factor that brings width x height (each rounded up) within `max_pixels`."""
+    factor = 1
+    while -(-width // factor) * -(-height // factor) > max_pixels:
+        factor += 1
+    return factor
 
 
 def load_annotations(path: str | Path) -> dict[int, dict]:

@@ -36,7 +36,13 @@ from lever_lm.models.v3.proposals import Candidate, Proposer, QueryProposals
 from lever_lm.rl.inputs import Inputs
 from lever_lm.rl.records import candidate_record, entry_record, query_record
 from lever_lm.rl.request import PROPOSAL_BLOCK
-from lever_lm.vqa.backends.base import Generation, VQABackend
+from lever_lm.vqa.backends.base import (
+    AcceleratorFailure,
+    Generation,
+    VQABackend,
+    accelerator_message,
+    is_accelerator_failure,
+)
 from lever_lm.vqa.expected_accuracy import distinct_answers
 from lever_lm.vqa.images import UnreadableImage, read_rgb
 from lever_lm.vqa.metric import prepare_answers
@@ -92,7 +98,17 @@ class BlockScorer:
         if not todo.intersection(block):
             return
         pools = self.inputs.pools.pools_of(block) if self.inputs.pools is not None else None
-        yield from self.score(self.proposer.propose(block, pools), todo)
+        yield from self.score(self._propose(block, pools), todo)
+
+    def _propose(self, block: Sequence[int], pools) -> list[QueryProposals]:
+        """The block's proposals; an accelerator failure of the pointer stops the run as one of the VQA
+        model does (`AcceleratorFailure`, exit 3), never as a traceback."""
+        try:
+            return self.proposer.propose(block, pools)
+        except RuntimeError as error:
+            if is_accelerator_failure(error):
+                raise AcceleratorFailure(accelerator_message(error)) from error
+            raise
 
     def score(self, proposals: list[QueryProposals], todo: set[int]) -> Iterator[QueryResult]:
         """Score the block's candidates chunk by chunk (chunks cut from the whole block)."""

@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seed = parser.add_argument_group("the seed's flags")
     seed.add_argument(
-        "--sft_ckpt", type=Path, required=True, help="SFT (v2) pointer checkpoint (.ckpt, Lightning layout)"
+        "--sft_ckpt",
+        type=Path,
+        required=True,
+        help="pointer checkpoint: an SFT .ckpt (Lightning layout) or a Lever-Plus RL .pt (model_state_dict)",
     )
     seed.add_argument(
         "--beam_data", type=Path, required=True, help="beam data JSON; its keys are the queries, in order"

@@ -12,7 +12,10 @@
 4. write the final JSON from the journal (single run) or leave the shard journal for a merge.
 
 A resumed, limited or sharded run writes exactly the bytes a single uninterrupted run writes:
-blocks are proposed whole and their VQA batches are cut from the whole block.
+blocks are proposed whole and their VQA batches are cut from the whole block. What else moves the
+bytes -- the VQA batch size and, on a CPU, the torch thread count -- is pinned in the journal's
+header by the run that starts it (`journal.Pins`), and every resume scores with the same, whatever
+its own --batch_size, free GPU memory or engine.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import logging
 import platform
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,9 +35,9 @@ from lever_lm.rl import fingerprints
 from lever_lm.rl.blocks import BlockScorer, QueryResult, shard_of
 from lever_lm.rl.engines.local import run_local
 from lever_lm.rl.inputs import Inputs, load_inputs
-from lever_lm.rl.journal import Journal, JournalSpec, shard_file_name
+from lever_lm.rl.journal import Journal, JournalSpec, Pins, read_pins, shard_file_name
 from lever_lm.rl.meta import ModelSource, RunCounts, RunInfo, RunMeta, RunSettings, write_meta
-from lever_lm.rl.output import collect_journal_index, write_final_json
+from lever_lm.rl.output import check_output_names, collect_journal_index, write_final_json
 from lever_lm.rl.records import RecordRules
 from lever_lm.rl.request import GenerationRequest, check_request
 from lever_lm.vqa.backends import load_backend
@@ -54,6 +58,7 @@ class RunSummary:
     queries_processed: int = 0
     candidates_processed: int = 0
     batch_size: int | None = None
+    torch_threads: int | None = None  # on a CPU
     seconds: float = 0.0
     final: dict | None = None
     output_path: Path | None = None
@@ -91,6 +96,7 @@ def run_generation(request: GenerationRequest, backend: VQABackend | None = None
     model is loaded, and only when there is work to do.
     """
     started = time.time()
+    check_output_names(request.output_path)
     check_request(request)
     plan = plan_run(request)
     if request.merge_only:
@@ -140,20 +146,82 @@ def run_shard(plan: RunPlan, backend: VQABackend | None = None) -> RunSummary:
                 log.warning("query %d is left out of the output: %s", result.query_idx, result.query_error)
 
         if todo and request.engine == "ray":
-            summary.engine = engine.run(inputs, plan.settings, spec.queries, todo, plan.block_size, journal_result)
-            summary.batch_size = summary.engine["batch_size"]
-        elif todo:
-            backend = backend or load_backend(
-                request.vqa_model,
-                model_path=request.vqa_model_path,
-                device=request.device,
-                config=request.config,
-                batch_size=request.batch_size,
+            summary.engine = engine.run(
+                inputs,
+                plan.settings,
+                spec.queries,
+                todo,
+                plan.block_size,
+                journal_result,
+                batch_size=scoring_batch_size(request, journal),
+                torch_threads=journal.pins.torch_threads if journal.pins else None,
+                pin=journal.pin,
             )
-            summary.batch_size = backend.batch_size
-            scorer = BlockScorer(inputs, backend, request.eval_mode, request.device, plan.block_size, request.gt_prob)
-            run_local(scorer, spec.queries, todo, plan.block_size, journal_result, progress=request.progress)
+        elif todo:
+            _score_locally(plan, journal, todo, journal_result, backend)
+        if journal.pins is not None:
+            summary.batch_size, summary.torch_threads = journal.pins.batch_size, journal.pins.torch_threads
     return summary
+
+
+def _score_locally(
+    plan: RunPlan,
+    journal: Journal,
+    todo: set[int],
+    on_result: Callable[[QueryResult], None],
+    backend: VQABackend | None,
+) -> None:
+    """Score the shard's blocks in this process, with the journal's pins (or pin what this run uses)."""
+    request, spec = plan.request, journal.spec
+    with torch_threads(journal.pins.torch_threads if journal.pins else None):
+        backend = backend or load_backend(
+            request.vqa_model,
+            model_path=request.vqa_model_path,
+            device=request.device,
+            config=request.config,
+            batch_size=scoring_batch_size(request, journal),
+        )
+        journal.pin(Pins(backend.batch_size, torch.get_num_threads() if _on_cpu(request.device) else None))
+        scorer = BlockScorer(plan.inputs, backend, request.eval_mode, request.device, plan.block_size, request.gt_prob)
+        run_local(scorer, spec.queries, todo, plan.block_size, on_result, progress=request.progress)
+
+
+def scoring_batch_size(request: GenerationRequest, journal: Journal) -> int | None:
+    """The batch size to score with: the journal's pinned one when it has one (a different --batch_size
+    is overridden, with a warning: a resume must cut the batches the first run cut), else the request's
+    (None: the backend decides, from the GPU's free memory)."""
+    pins = journal.pins
+    if pins is None:
+        return request.batch_size
+    if request.batch_size is not None and request.batch_size != pins.batch_size:
+        log.warning(
+            "--batch_size %d is not used: %s was started with %s, and a resume keeps them so that the output's "
+            "bytes do not change (delete the journal to start over with --batch_size %d)",
+            request.batch_size,
+            journal.path,
+            pins.describe(),
+            request.batch_size,
+        )
+    else:
+        log.info("scoring with the journal's %s", pins.describe())
+    return pins.batch_size
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block (None: left as they are), restored after."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        log.info("using %d torch threads, as the journal's first run did (this process had %d)", threads, before)
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _on_cpu(device: str) -> bool:
+    return torch.device(device).type == "cpu"
 
 
 def _connect_engine(request: GenerationRequest) -> contextlib.AbstractContextManager:
@@ -182,6 +250,8 @@ def finish(plan: RunPlan, shard_ids: list[int], summary: RunSummary, started: fl
     """Write the final JSON from the shard journals, and the meta sidecar."""
     journals = [(plan.journal_path(i), plan.journal_spec(i)) for i in shard_ids]
     index = collect_journal_index(journals)
+    if len(shard_ids) > 1:
+        _note_shard_pins([read_pins(path) for path, _ in journals], summary)
     final = write_final_json(plan.request.output_path, plan.inputs.queries, index)
     summary.seconds = time.time() - started
     summary.final, summary.output_path = final.as_dict(), plan.request.output_path
@@ -193,6 +263,20 @@ def finish(plan: RunPlan, shard_ids: list[int], summary: RunSummary, started: fl
             "fix the images and rerun to score them",
             len(final.unscorable),
         )
+
+
+def _note_shard_pins(pins: list[Pins | None], summary: RunSummary) -> None:
+    """The merged file's batch size and threads when every shard had the same; a warning otherwise."""
+    if len(set(pins)) == 1 and pins[0] is not None:
+        summary.batch_size, summary.torch_threads = pins[0].batch_size, pins[0].torch_threads
+        return
+    described = ", ".join(f"shard {i}: {p.describe() if p else '-'}" for i, p in enumerate(pins))
+    log.warning(
+        "the shards were scored with different batch sizes or thread counts (%s): each shard's bytes are "
+        "its own, and the merged file equals no single run's in the last bits; give every shard the same "
+        "--batch_size to avoid this",
+        described,
+    )
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -222,6 +306,7 @@ def run_meta(plan: RunPlan, journals: list[Path], summary: RunSummary, data_sha2
         run=RunInfo(
             device=request.device,
             batch_size=summary.batch_size,
+            torch_threads=summary.torch_threads,
             num_shards=request.num_shards,
             limit=request.limit,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -11,7 +11,7 @@ foreign sidecar is an `InputError` naming the field, not a silent default:
      "journals": the shard journals the data file was written from,
      "counts": {"queries", "candidates", "failed", "duplicates_dropped", "by_method",
                 "unscorable_queries": {query row: why}},
-     "run": {"device", "batch_size", "num_shards", "limit", "created"},
+     "run": {"device", "batch_size", "torch_threads", "num_shards", "limit", "created"},
      "request": the run's request (its VQA model source is read back, for an audit),
      "timing", "engine", "versions": for people (not read back)}
 
@@ -147,7 +147,8 @@ class RunInfo:
     """How the run was done: none of it changes the data, but --limit says which queries it holds."""
 
     device: str
-    batch_size: int | None  # the effective batch size
+    batch_size: int | None  # the effective batch size (pinned by the journal)
+    torch_threads: int | None  # on a CPU, the torch thread count (pinned by the journal)
     num_shards: int
     limit: int | None  # only the first N queries of the beam data
     created: str
@@ -158,6 +159,7 @@ class RunInfo:
         return cls(
             device=_typed(run, "device", str, "run"),
             batch_size=_typed(run, "batch_size", int, "run", optional=True),
+            torch_threads=_typed(run, "torch_threads", int, "run", optional=True),
             num_shards=_typed(run, "num_shards", int, "run"),
             limit=_typed(run, "limit", int, "run", optional=True),
             created=_typed(run, "created", str, "run"),

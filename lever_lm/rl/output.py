@@ -13,6 +13,7 @@ it and the reason. The sidecar also holds the sha256 of the bytes written here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from pathlib import Path
 from lever_lm.errors import InputError
 from lever_lm.io import atomic_output
 from lever_lm.rl.journal import JournalSpec, read_entry, read_index
+from lever_lm.rl.meta import meta_path_for
 from lever_lm.rl.records import MethodTotals
 
 
@@ -85,3 +87,32 @@ def write_final_json(output_path: Path, query_order: Sequence[int], index: dict[
             handle.close()
     counts.sha256 = digest.hexdigest()
     return counts
+
+
+class _Probe(Exception):
+    """Ends a probing `atomic_output` before it replaces anything."""
+
+
+def check_output_names(output_path: Path) -> None:
+    """Create, and remove at once, the temporary file of the longest name the run writes beside the
+    output (the sidecar's), as the final write will, in the output's directory or its nearest
+    existing ancestor: a name too long for the file system fails now, before any work, not after
+    it. Other problems of the location are `request.check_output_location`'s to report."""
+    directory = output_path.parent
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    if not directory.is_dir():
+        return
+    try:
+        with atomic_output(directory / meta_path_for(output_path).name):
+            raise _Probe
+    except _Probe:
+        pass
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            return
+        raise InputError(
+            output_path,
+            f"the file name ({len(output_path.name)} characters) is too long for this file system once the "
+            "run adds its suffixes (the '.meta.json' sidecar and its temporary file); use a shorter --output_path",
+        ) from None

@@ -9,9 +9,16 @@ runs, so every node needs them at the same paths).
 The driver hands each block that holds a query to do to whichever worker is free. The worker
 scores it exactly as the local engine does (`BlockScorer.run`), in a thread, and the driver keeps
 one call open per worker that returns the queries finished so far; it journals each (append +
-fsync) as it arrives, in whatever order the blocks finish. The final JSON is written in beam-data order from the journal, so the output is
-byte-identical to the local engine's on the same device type, and a killed driver loses only the
-unjournaled part of the blocks in flight: a rerun resumes from the journal.
+fsync) as it arrives, in whatever order the blocks finish. The final JSON is written in beam-data
+order from the journal, and a killed driver loses only the unjournaled part of the blocks in flight:
+a rerun resumes from the journal.
+
+Every worker scores with one batch size and one torch thread count, the journal's pins when it has
+them (`journal.Pins`). A new journal pins what the first worker to load uses; when the batch size
+is left to the free GPU memory, that first worker loads alone and the others then load with its
+batch size. So the output is byte-identical to the local engine's at the same batch size and thread
+count. On a CPU a fresh Ray run uses one thread per worker: it equals a local run with one torch
+thread, not a local run with the machine's default; a resume keeps whatever the journal pinned.
 
 A lost worker (killed, out of host memory, its node gone) costs only the rest of its block: the
 block goes back to the front of the queue without the queries already journaled, and a replacement
@@ -34,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 import torch
@@ -52,6 +59,7 @@ from lever_lm.process import apply_process_settings
 from lever_lm.rl.blocks import BlockScorer, QueryResult, blocks_of
 from lever_lm.rl.engines.progress import Progress
 from lever_lm.rl.inputs import Inputs
+from lever_lm.rl.journal import Pins
 from lever_lm.rl.request import GenerationRequest
 from lever_lm.vqa.backends import load_backend
 from lever_lm.vqa.backends.base import GenerationAborted
@@ -59,7 +67,7 @@ from lever_lm.vqa.backends.base import GenerationAborted
 log = logging.getLogger(__name__)
 
 MAX_BLOCK_FAILURES = 3  # lost workers one block may cost before the run stops
-CPUS_PER_WORKER = 1  # and one torch thread: a worker's CPU work is feeding its GPU
+CPUS_PER_WORKER = 1  # and one torch thread, unless the journal pinned more: a worker's CPU work is feeding its GPU
 WAIT_NOTE_SECONDS = 60.0  # how often to say that no worker is running yet
 BLOCK_DONE = "block done"  # what a worker's scoring thread says after the block's last query
 # A worker process that is gone, for whatever reason: its block is retried on another worker.
@@ -97,7 +105,7 @@ class BlockWorker:
         self.error: BaseException | None = None
 
     def setup(self, inputs: Inputs, spec: WorkerSpec) -> dict:
-        """Load the backend (an InputError stops the run); say who and where this worker is."""
+        """Load the backend (an InputError stops the run); say who and where this worker is, and how it scores."""
         started = time.time()
         apply_process_settings()  # before CUDA starts (Ray started this process, not an entry point)
         torch.set_num_threads(spec.threads)
@@ -115,6 +123,7 @@ class BlockWorker:
             "pid": os.getpid(),
             "gpus": [str(gpu) for gpu in ray.get_gpu_ids()],
             "batch_size": backend.batch_size,
+            "torch_threads": torch.get_num_threads(),
             "load_seconds": round(time.time() - started, 3),
         }
 
@@ -246,23 +255,30 @@ class RayEngine:
         todo: set[int],
         block_size: int,
         on_result: Callable[[QueryResult], None],
+        batch_size: int | None,
+        torch_threads: int | None,
+        pin: Callable[[Pins], None],
     ) -> dict:
         """Score every block of `queries` that holds a query of `todo` on the workers; hand each
-        result to `on_result` (the journal) as it arrives. Returns what the meta sidecar records:
-        seconds until the first worker was ready, seconds of scoring after that, each worker's record."""
+        result to `on_result` (the journal) as it arrives. `batch_size` and `torch_threads` (CPU):
+        the journal's pins, or None to pin (with `pin`) what the first worker uses. Returns what the
+        meta sidecar records: seconds until the first worker was ready, seconds of scoring after
+        that, each worker's record."""
         import transformers
 
         request = self.request
+        on_cpu = self.device == "cpu"
+        threads = torch_threads if on_cpu and torch_threads else CPUS_PER_WORKER
         spec = WorkerSpec(
             vqa_model=request.vqa_model,
             model_path=request.vqa_model_path,
             config=request.config,
-            batch_size=request.batch_size,
+            batch_size=batch_size,
             eval_mode=request.eval_mode,
             gt_prob=request.gt_prob,
             device=self.device,
             block_size=block_size,
-            threads=CPUS_PER_WORKER,
+            threads=threads,
             expected={"code": settings["code"], "torch": torch.__version__, "transformers": transformers.__version__},
         )
         blocks = [
@@ -278,14 +294,26 @@ class RayEngine:
                 on_result(result)
                 bar.done(result)
 
-            dispatcher = Dispatcher(ray.put(inputs), spec, self.gpus_per_worker, blocks, journal_and_count)
+            def pin_batch_size(size: int) -> None:
+                pin(Pins(size, threads if on_cpu else None))
+
+            # On CUDA an open batch size comes from each worker's free memory: one worker decides it
+            # for all. On a CPU it is the config's (or the default) in every worker alike.
+            dispatcher = Dispatcher(
+                ray.put(inputs),
+                spec,
+                self.gpus_per_worker,
+                blocks,
+                journal_and_count,
+                pin_batch_size,
+                load_one_first=spec.batch_size is None and not on_cpu,
+            )
             dispatcher.run(num_workers)
         first_ready = dispatcher.first_ready or started
-        batch_sizes = [w.info["batch_size"] for w in dispatcher.workers if w.info]
         return {
             "name": "ray",
             "gpus_per_worker": self.gpus_per_worker,
-            "batch_size": batch_sizes[0] if batch_sizes else None,
+            "batch_size": dispatcher.spec.batch_size,
             "startup_seconds": round(first_ready - started, 3),
             "scoring_seconds": round(time.time() - first_ready, 3),
             "workers": [worker.record() for worker in dispatcher.workers],
@@ -304,9 +332,21 @@ class RayEngine:
 class Dispatcher:
     """Hands blocks to free workers, collects finished queries, replaces lost workers."""
 
-    def __init__(self, inputs_ref, spec: WorkerSpec, gpus_per_worker: float, blocks: list[Block], on_result: Callable):
+    def __init__(
+        self,
+        inputs_ref,
+        spec: WorkerSpec,
+        gpus_per_worker: float,
+        blocks: list[Block],
+        on_result: Callable,
+        pin_batch_size: Callable[[int], None],
+        load_one_first: bool = False,
+    ):
         self.inputs_ref = inputs_ref
-        self.spec = spec
+        self.spec = spec  # its batch_size is None until the first worker has chosen one
+        self.pin_batch_size = pin_batch_size  # the journal's `pin`: refuses a batch size other than its own
+        self.load_one_first = load_one_first  # the others load once the first has chosen the batch size
+        self.num_workers = 0
         self.actor_class = ray.remote(BlockWorker).options(num_cpus=CPUS_PER_WORKER, num_gpus=gpus_per_worker)
         self.pending: deque[Block] = deque(blocks)
         self.on_result = on_result
@@ -317,8 +357,7 @@ class Dispatcher:
 
     def run(self, num_workers: int) -> None:
         try:
-            for _ in range(num_workers):
-                self.start_worker()
+            self.start_workers(num_workers)
             while self.pending or any(w.block is not None for w in self.workers):
                 self.hand_out()
                 ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=WAIT_NOTE_SECONDS)
@@ -342,6 +381,11 @@ class Dispatcher:
             for worker in self.workers:
                 ray.kill(worker.actor)
 
+    def start_workers(self, num_workers: int) -> None:
+        self.num_workers = num_workers
+        for _ in range(1 if self.load_one_first else num_workers):
+            self.start_worker()
+
     def start_worker(self) -> None:
         worker = Worker(len(self.workers), self.actor_class.remote())
         self.workers.append(worker)
@@ -350,6 +394,11 @@ class Dispatcher:
     def ready(self, worker: Worker, info: dict) -> None:
         worker.info = info
         self.first_ready = self.first_ready or time.time()
+        self.pin_batch_size(info["batch_size"])
+        if self.spec.batch_size is None:
+            self.spec = replace(self.spec, batch_size=info["batch_size"])
+        while sum(1 for w in self.workers if w.lost is None) < self.num_workers:
+            self.start_worker()  # with the batch size decided
         log.info(
             "Ray worker %d ready on %s: pid %d, GPUs %s, batch size %d, loaded in %.1fs",
             worker.number,
