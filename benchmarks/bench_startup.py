@@ -14,13 +14,16 @@ including --val_ann_path = the training annotations as params.yaml sets it) in a
 scoring the 8 queries into a new output path. Cold: an empty digest cache (every image hashed,
 the annotations parsed); warm: the same command again. The files themselves are in the page
 cache in both. A wrapper times the library calls that make up a start:
-- digests: the run's fingerprint (the model's, every input's and every image's content digest);
+- digests: the content digests of the run's fingerprint (the model's, every input's, every image's);
 - annotations: reading the data set and the scoring annotations;
 - embeddings: reading the two embedding files;
 - model load: loading the VQA backend;
 - imports: the interpreter and the imports before `main` starts;
-- scoring: proposing and scoring the 8 queries; other: the rest (beam data, SFT pointer, output).
-It prints the peak RSS of the CLI process. The baseline measured in the same run is the floor of
+- pool encoding: the SFT pointer's projection of the whole candidate pool (K = every question);
+- scoring: proposing and scoring the 8 queries; other: the rest (the VQA backend's imports, beam
+  data, SFT pointer, journal, output).
+It prints the peak RSS of the CLI process. It also prints the CPU seconds of the CLI process (user + system), which
+other jobs on the machine inflate much less than the wall time. The baseline measured in the same run is the floor of
 each cost: a bare `stat` of every image file (for the digests) and a bare `json.load` of both
 files (for the annotations).
 """
@@ -45,14 +48,18 @@ QUICK_QUESTIONS, QUICK_IMAGES = 20_000, 4_000
 BEAM_QUERIES = 8
 # (module, attribute, phase): the library calls timed in the CLI process.
 PHASES = [
-    ("lever_lm.rl.fingerprints", "run_settings", "digests"),
+    ("lever_lm.rl.fingerprints", "file_digest", "digests"),
+    ("lever_lm.rl.fingerprints", "files_digest", "digests"),
+    ("lever_lm.vqa.backends", "file_digest", "digests"),
+    ("lever_lm.vqa.backends", "directory_digest", "digests"),
     ("lever_lm.data.dataset_paths.DatasetPaths", "load", "annotations"),
     ("lever_lm.rl.inputs", "scoring_answers", "annotations"),
     ("lever_lm.rl.inputs", "load_embeddings", "embeddings"),
     ("lever_lm.rl.generate", "load_backend", "model load"),
+    ("lever_lm.models.v2.pointer_selector.PointerSelectorV2", "encode_pool", "pool encoding"),
     ("lever_lm.rl.generate", "run_local", "scoring"),
 ]
-PHASE_ORDER = ["imports", "digests", "annotations", "embeddings", "model load", "scoring", "other"]
+PHASE_ORDER = ["imports", "digests", "annotations", "embeddings", "model load", "pool encoding", "scoring", "other"]
 
 
 # -- the synthetic inputs ------------------------------------------------------------------------
@@ -170,8 +177,17 @@ def child(report: Path, argv: list[str]) -> None:
     cli.main(argv)
     main_seconds = time.perf_counter() - main_started
     times["other"] = main_seconds - sum(v for k, v in times.items() if k not in ("imports", "other"))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    report.write_text(json.dumps({"phases": times, "main": main_seconds, "peak_rss_gb": peak_kb / 1024**2}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    report.write_text(
+        json.dumps(
+            {
+                "phases": times,
+                "main": main_seconds,
+                "cpu": usage.ru_utime + usage.ru_stime,
+                "peak_rss_gb": usage.ru_maxrss / 1024**2,
+            }
+        )
+    )
 
 
 def _resolve(importlib, dotted: str):
@@ -232,12 +248,12 @@ def describe_machine() -> str:
 
 
 def print_table(runs: dict[str, list[dict]]) -> None:
-    header = ["run", "whole CLI", *PHASE_ORDER, "peak RSS"]
+    header = ["run", "whole CLI", "CPU", *PHASE_ORDER, "peak RSS"]
     print(" | ".join(header))
     for name, results in runs.items():
         for r in results:
             phases = [f"{r['phases'][p]:.2f}" for p in PHASE_ORDER]
-            print(" | ".join([name, f"{r['wall']:.2f}", *phases, f"{r['peak_rss_gb']:.2f} GB"]))
+            print(" | ".join([name, f"{r['wall']:.2f}", f"{r['cpu']:.2f}", *phases, f"{r['peak_rss_gb']:.2f} GB"]))
 
 
 def main() -> None:
@@ -278,10 +294,11 @@ def main() -> None:
     warm = runs["warm"]
     median = {p: statistics.median(r["phases"][p] for r in warm) for p in PHASE_ORDER}
     wall = statistics.median(r["wall"] for r in warm)
+    cpu = statistics.median(r["cpu"] for r in warm)
     rss = max(r["peak_rss_gb"] for r in warm)
-    print(f"\nwarm (median of {len(warm)}): whole CLI {wall:.2f}s, digests {median['digests']:.2f}s, "
+    print(f"\nwarm (median of {len(warm)}): whole CLI {wall:.2f}s ({cpu:.2f} CPU s), digests {median['digests']:.2f}s, "
           f"annotations {median['annotations']:.2f}s, embeddings {median['embeddings']:.2f}s, "
-          f"model load {median['model load']:.2f}s, imports {median['imports']:.2f}s; peak RSS {rss:.2f} GB")  # fmt: skip
+          f"model load {median['model load']:.2f}s, pool encoding {median['pool encoding']:.2f}s, imports {median['imports']:.2f}s; peak RSS {rss:.2f} GB")  # fmt: skip
     print(f"floors: scandir+stat of {args.images:,} images {stat_seconds:.2f}s (warm digests / floor: "
           f"{median['digests'] / stat_seconds:.1f}x); json.load of both files {json_seconds:.2f}s, "
           f"peak RSS {json_rss:.2f} GB (warm annotations / json.load: {median['annotations'] / json_seconds:.2f}x)")  # fmt: skip

@@ -29,14 +29,13 @@ import hashlib
 import logging
 import os
 import sqlite3
-import stat
 import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from stat import S_ISREG
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def files_digest(paths: Iterable[str | Path], root: str | Path) -> str:
         prefix = f"{directory}/" if directory else ""
         found = _digests(os.path.join(root, directory) if directory else root, bases)
         contents.update((prefix + base, digest or MISSING) for base, digest in zip(bases, found))
-    return _set_digest((name, contents[name]) for name in names)
+    return _set_digest([(name, contents[name]) for name in names])
 
 
 def directory_digest(directory: str | Path) -> str:
@@ -105,38 +104,23 @@ def directory_digest(directory: str | Path) -> str:
 
 # -- digests of one directory's files -------------------------------------------------------------
 
-
-class _Identity(NamedTuple):
-    """What the cache keys a digest by, besides the file's path."""
-
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    inode: int
+# What the cache keys a digest by, besides the file's path: (size, mtime_ns, ctime_ns, inode).
+Identity = tuple[int, int, int, int]
 
 
 def _digests(directory: str, names: list[str], entries: list[os.DirEntry] | None = None) -> list[str | None]:
     """The digest of each named file in `directory` (None: missing, or not a regular file)."""
     identities = _identities(directory, names, entries)
-    cached = _CACHE.lookup(directory, [n for n, i in zip(names, identities) if i is not None])
-    digests: list[str | None] = [None] * len(names)
-    todo: list[tuple[int, _Identity]] = []
-    for k, (name, identity) in enumerate(zip(names, identities)):
-        if identity is None:
-            continue
-        hit = cached.get(name)
-        if hit is not None and hit[0] == identity:
-            digests[k] = hit[1]
-        else:
-            todo.append((k, identity))
+    digests = _CACHE.lookup(directory, names, identities)
+    todo = [k for k, (identity, digest) in enumerate(zip(identities, digests)) if digest is None and identity]
     if todo:
-        paths = [os.path.join(directory, names[k]) for k, _ in todo]
+        paths = [os.path.join(directory, names[k]) for k in todo]
         settled = time.time_ns() - int(RECENT_SECONDS * 1e9)
         rows = []
-        for (k, identity), digest in zip(todo, _hash_files(paths, sum(i.size for _, i in todo))):
+        for k, digest in zip(todo, _hash_files(paths, sum(identities[k][0] for k in todo))):
             digests[k] = digest
-            if max(identity.mtime_ns, identity.ctime_ns) < settled:
-                rows.append((names[k], identity, digest))
+            if max(identities[k][1], identities[k][2]) < settled:
+                rows.append((names[k], identities[k], digest))
             if len(rows) >= STORE_EVERY:
                 _CACHE.store(directory, rows)
                 rows = []
@@ -144,25 +128,26 @@ def _digests(directory: str, names: list[str], entries: list[os.DirEntry] | None
     return digests
 
 
-def _identities(directory: str, names: list[str], entries: list[os.DirEntry] | None) -> list[_Identity | None]:
-    """One stat per file, relative to the open directory (no path resolution per file)."""
+def _identities(directory: str, names: list[str], entries: list[os.DirEntry] | None) -> list[Identity | None]:
+    """One stat per file, relative to the open directory (no path resolution per file); None for
+    a missing file or anything but a regular file."""
     if entries is not None:
-        return [_regular(_stat_entry(entry)) for entry in entries]
+        return [_identity(_stat_entry(entry)) for entry in entries]
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except (FileNotFoundError, NotADirectoryError):
         return [None] * len(names)
+    identities: list[Identity | None] = []
     try:
-        return [_regular(_stat_at(name, fd)) for name in names]
+        for name in names:
+            try:
+                status = os.stat(name, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                status = None
+            identities.append(_identity(status))
     finally:
         os.close(fd)
-
-
-def _stat_at(name: str, fd: int) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=fd)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    return identities
 
 
 def _stat_entry(entry: os.DirEntry) -> os.stat_result | None:
@@ -172,10 +157,10 @@ def _stat_entry(entry: os.DirEntry) -> os.stat_result | None:
         return None
 
 
-def _regular(status: os.stat_result | None) -> _Identity | None:
-    if status is None or not stat.S_ISREG(status.st_mode):
+def _identity(status: os.stat_result | None) -> Identity | None:
+    if status is None or not S_ISREG(status.st_mode):
         return None
-    return _Identity(status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino)
+    return (status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino)
 
 
 def _walk(root: str, relative: str) -> Iterator[tuple[str, list[os.DirEntry]]]:
@@ -189,18 +174,15 @@ def _walk(root: str, relative: str) -> Iterator[tuple[str, list[os.DirEntry]]]:
 
 
 def _relative(path: str, root: str) -> str:
-    if not os.path.isabs(path):
+    if not path.startswith("/"):
         return path
-    if path.startswith(root + os.sep):
+    if path.startswith(root + "/"):
         return path[len(root) + 1 :]
     return os.path.relpath(path, root)
 
 
-def _set_digest(contents: Iterable[tuple[str, str]]) -> str:
-    digest = hashlib.sha256()
-    for name, content in contents:
-        digest.update(f"{name}\0{content}\n".encode())
-    return digest.hexdigest()
+def _set_digest(contents: list[tuple[str, str]]) -> str:
+    return hashlib.sha256("".join(f"{name}\0{content}\n" for name, content in contents).encode()).hexdigest()
 
 
 # -- hashing --------------------------------------------------------------------------------------
@@ -238,9 +220,10 @@ def _hash_files(paths: list[str], total_bytes: int) -> Iterator[str]:
 # -- the cache ------------------------------------------------------------------------------------
 
 
-def _row_crc(directory: str, name: str, identity: _Identity, digest: str) -> int:
-    i = identity
-    return zlib.crc32(f"{directory}\0{name}\0{i.size}\0{i.mtime_ns}\0{i.ctime_ns}\0{i.inode}\0{digest}".encode())
+def _row_crc(name: str, digest: str) -> int:
+    """A row's check: damage to its name or digest is caught here; damage to its identity fields
+    only makes it miss (the file is hashed again)."""
+    return zlib.crc32(f"{name}\0{digest}".encode())
 
 
 class DigestCache:
@@ -266,30 +249,31 @@ class DigestCache:
     def path(self) -> Path:
         return cache_dir() / CACHE_FILE
 
-    def lookup(self, directory: str, names: list[str]) -> dict[str, tuple[_Identity, str]]:
-        """name -> (identity, digest) of the cached rows of `directory` (those asked for, or more)."""
-        rows: dict[str, tuple[_Identity, str]] = {}
-        if not names:
-            return rows
-        found = self._run(lambda c: self._select(c, directory, names), default=[])
+    def lookup(self, directory: str, names: list[str], identities: list[Identity | None]) -> list[str | None]:
+        """The cached digest of each file whose identity is unchanged (None: not cached, or stale)."""
+        if not any(identities):
+            return [None] * len(names)
+        rows = {row[0]: row for row in self._run(lambda c: self._select(c, directory, names), default=[])}
+        digests: list[str | None] = []
         bad = 0
-        for name, size, mtime_ns, ctime_ns, inode, digest, crc in found:
-            identity = _Identity(size, mtime_ns, ctime_ns, inode)
-            if _row_crc(directory, name, identity, digest) != crc:
+        for name, identity in zip(names, identities):
+            row = rows.get(name)
+            if row is None or identity is None or row[1:5] != identity:
+                digests.append(None)
+            elif _row_crc(name, row[5]) != row[6]:
                 bad += 1
-                continue
-            rows[name] = (identity, digest)
+                digests.append(None)
+            else:
+                digests.append(row[5])
         if bad and not self._bad_rows_reported:
             self._bad_rows_reported = True
             log.warning("%d damaged entries in the digest cache %s: those files are hashed again", bad, self.path())
-        return rows
+        return digests
 
-    def store(self, directory: str, rows: list[tuple[str, _Identity, str]]) -> None:
+    def store(self, directory: str, rows: list[tuple[str, Identity, str]]) -> None:
         if not rows:
             return
-        values = [
-            (directory, n, i.size, i.mtime_ns, i.ctime_ns, i.inode, d, _row_crc(directory, n, i, d)) for n, i, d in rows
-        ]
+        values = [(directory, name, *identity, digest, _row_crc(name, digest)) for name, identity, digest in rows]
 
         def insert(connection: sqlite3.Connection) -> None:
             with connection:
