@@ -51,16 +51,15 @@ def cached_parse(
         return decode(parse())  # the parse names the missing file
     key = json.dumps([kind, version, [file_digest(path) for path in sources]])
     path = cache_dir() / SUBDIR / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-    if path.is_file():
-        try:
-            value = decode(_read(path))
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # ColumnError is a ValueError
-            _warn_once(
-                f"damaged:{path}", "parsed cache file %s is damaged (%s); parsing the sources again", path, error
-            )
-        else:
-            _touch(path)
-            return value
+    try:
+        value = decode(_read(path))
+    except OSError:
+        pass  # not parsed yet, pruned by another process just now, or a directory that cannot be used
+    except (ValueError, EOFError, zipfile.BadZipFile) as error:  # ColumnError is a ValueError
+        _warn_once(f"damaged:{path}", "parsed cache file %s is damaged (%s); parsing the sources again", path, error)
+    else:
+        _touch(path)
+        return value
     started = time.time()
     arrays = parse()
     value = decode(arrays)
@@ -87,13 +86,21 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _prune(directory: Path) -> None:
-    """Keep the KEEP most recently used files."""
-    files = sorted(directory.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+    """Keep the KEEP most recently used files (another process may prune at the same time)."""
+    files = sorted(directory.glob("*.npz"), key=_last_used, reverse=True)
     for stale in files[KEEP:]:
         stale.unlink(missing_ok=True)
 
 
+def _last_used(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _touch(path: Path) -> None:
+    """Mark a file as used (for `_prune`)."""
     try:
         os.utime(path)
     except OSError:
