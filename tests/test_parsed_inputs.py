@@ -153,3 +153,12 @@ def test_columns_refuse_arrays_that_do_not_fit():
         TextColumn.from_arrays({**arrays, "q.data": np.frombuffer(b"a\xff\xfe\x00", np.uint8)}, "q")
     with pytest.raises(ColumnError, match="missing"):
         TextColumn.from_arrays({"q.data": arrays["q.data"]}, "q")
+
+
+def test_an_edited_parser_does_not_read_the_old_parse(cache, demo_split, tmp_path, monkeypatch):
+    load(demo_split)
+    edited = tmp_path / "vqa.py"
+    edited.write_text(Path(vqa.__file__).read_text() + "\n# edited\n")
+    monkeypatch.setattr(vqa, "__file__", str(edited))
+    load(demo_split)
+    assert len(list((cache / parsed_cache.SUBDIR).glob("*.npz"))) == 2

@@ -3,12 +3,12 @@
 Parsing VQAv2's training annotations (354 MB of JSON) takes many seconds and gigabytes, and every
 start would pay it: each shard, each `dvc exp run`. So the columns a parse produces
 (`lever_lm.data.columns`) are saved once, as an uncompressed `.npz` of plain arrays, in
-`<digest cache dir>/parsed/`. The file is named by the sha256 of the sources' content digests
-(`lever_lm.digests`, themselves cached by file identity) and the format version: an edited source
-gets another name, never a stale parse. Reading it runs no code (`allow_pickle=False`), and the
-caller's `decode` checks every array; a file that fails is parsed again and replaced (one warning).
-At most KEEP files stay (the least recently used go first). When the directory cannot be written,
-the parse is simply not kept.
+`<digest cache dir>/parsed/`. The file is named by the sha256 of the content digests
+(`lever_lm.digests`, themselves cached by file identity) of the sources and of the code that
+parses them: an edited source or an edited parser gets another name, never a stale parse. Reading
+it runs no code (`allow_pickle=False`), and the caller's `decode` checks every array; a file that
+fails is parsed again and replaced (one warning). At most KEEP files stay (the least recently
+used go first). When the directory cannot be written, the parse is simply not kept.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from lever_lm.data import columns
 from lever_lm.data.columns import ColumnError
 from lever_lm.digests import cache_dir, file_digest
 from lever_lm.io import atomic_output
@@ -40,16 +41,18 @@ _warned: set[str] = set()
 
 def cached_parse(
     kind: str,
-    version: int,
     sources: list[Path],
     parse: Callable[[], dict[str, np.ndarray]],
     decode: Callable[[dict[str, np.ndarray]], T],
+    code: Path,
 ) -> T:
-    """`decode(parse())`, with `parse()`'s arrays cached under the sources' content digests.
+    """`decode(parse())`, with `parse()`'s arrays cached under the content digests of the sources
+    and of the code that parses (`code`, the module of `parse`, with this module and the columns').
     `decode` raises ColumnError on arrays that do not fit together."""
     if not all(path.is_file() for path in sources):
         return decode(parse())  # the parse names the missing file
-    key = json.dumps([kind, version, [file_digest(path) for path in sources]])
+    parser_code = [code, Path(__file__), Path(columns.__file__)]
+    key = json.dumps([kind, [file_digest(path) for path in [*sources, *parser_code]]])
     path = cache_dir() / SUBDIR / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
     try:
         value = decode(_read(path))

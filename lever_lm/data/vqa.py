@@ -29,7 +29,6 @@ from lever_lm.io import read_json
 
 # A COCO split name as used in image file names: train2014, val2014, test2015, ...
 _SUBTYPE_PATTERN = re.compile(r"^[a-z]+\d{4}$")
-COLUMNS_VERSION = 1  # of the parsed-input cache's arrays (lever_lm.data.parsed_cache)
 
 
 @dataclass(frozen=True)
@@ -73,10 +72,10 @@ class VQADataset:
         questions_path, annotations_path, image_root = Path(questions_path), Path(annotations_path), Path(image_root)
         columns = cached_parse(
             "vqa-dataset",
-            COLUMNS_VERSION,
             [questions_path, annotations_path],
             lambda: _parse_dataset(questions_path, annotations_path),
             VQAColumns.from_arrays,
+            code=Path(__file__),
         )
         subtype = _image_subtype(columns.data_subtype, questions_path, image_root)
         if not image_root.is_dir():
@@ -194,7 +193,7 @@ class AnswerTable:
     @classmethod
     def load(cls, path: str | Path) -> AnswerTable:
         path = Path(path)
-        return cached_parse("vqa-answers", COLUMNS_VERSION, [path], lambda: _parse_answers(path), cls.from_arrays)
+        return cached_parse("vqa-answers", [path], lambda: _parse_answers(path), cls.from_arrays, code=Path(__file__))
 
     def get(self, question_id: int) -> tuple[str, ...] | None:
         row = int(np.searchsorted(self.question_ids, question_id))
