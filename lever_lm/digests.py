@@ -16,11 +16,12 @@ and the cache is read once per directory. Files not in the cache are hashed by a
 interrupted first hash keeps what it did.
 
 The cache is an SQLite database in `$LEVER_LM_CACHE_DIR` (default `$XDG_CACHE_HOME/lever_lm`,
-i.e. `~/.cache/lever_lm`). A file changed in the last RECENT_SECONDS is not cached (a second
-write within the same tick of the file system's clock would keep its identity). Each row carries a CRC of its fields: a row damaged on disk is hashed
-again, never trusted. A damaged database file is deleted and rebuilt, and one that cannot be used
-(a read-only or missing directory, a file where the directory should be, a lock that is never
-released) is bypassed: digests are then computed every time. Either is one warning per process.
+i.e. `~/.cache/lever_lm`). A file changed in the last RECENT_SECONDS is hashed but not cached (a
+second same-size write within one tick of the file system's clock would keep its identity). Each
+row carries a CRC of its name and digest: a row damaged on disk is hashed again, never trusted. A
+damaged database file is deleted and rebuilt, and one that cannot be used (a read-only or missing
+directory, a file where the directory should be, a lock that is never released) is bypassed:
+digests are then computed every time. Either is one warning per process.
 """
 
 from __future__ import annotations
@@ -48,9 +49,7 @@ STORE_EVERY = 2000  # hashed files between two commits of the cache
 ANNOUNCE_FILES = 1000  # hashing at least this many files (or ANNOUNCE_BYTES) is logged, with its rate
 ANNOUNCE_BYTES = 1 << 30
 MISSING = "missing"
-# A file changed this recently is hashed but not cached: file times come from a coarse clock (a few
-# ms per tick), so a second same-size write within the tick would keep the whole identity.
-RECENT_SECONDS = 2.0
+RECENT_SECONDS = 2.0  # file times come from a coarse clock (a few ms per tick): see the module doc
 
 
 def cache_dir() -> Path:

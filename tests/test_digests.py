@@ -167,3 +167,22 @@ def test_a_damaged_row_is_never_trusted(cache, reads, tmp_path, monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="lever_lm.digests"):
         assert digests.file_digest(path) == sha(b"a" * 100)
     assert len(reads) == 2 and "damaged entries" in caplog.text
+
+
+def test_a_cache_of_the_previous_layout_is_replaced_quietly(cache, tmp_path, caplog):
+    cache.mkdir()
+    with sqlite3.connect(cache / digests.CACHE_FILE) as connection:  # (path, size, mtime_ns, inode) keys
+        connection.execute(
+            "CREATE TABLE digests (path TEXT, size INTEGER, mtime_ns INTEGER, inode INTEGER, digest TEXT, "
+            "PRIMARY KEY (path))"
+        )
+        connection.execute("INSERT INTO digests VALUES ('/x', 1, 1, 1, 'stale')")
+    connection.close()
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a")
+    with caplog.at_level(logging.WARNING, logger="lever_lm.digests"):
+        assert digests.file_digest(path) == sha(b"a")
+    assert not caplog.records
+    with sqlite3.connect(cache / digests.CACHE_FILE) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"files"}
