@@ -59,16 +59,19 @@ def test_an_unchanged_file_is_not_read_again(cache, reads, tmp_path, monkeypatch
 
 def test_new_content_with_the_old_size_and_mtime_is_read_again(cache, reads, tmp_path):
     """`cp` + `touch -r` (also `cp -p`, `rsync -t`): size, mtime and inode stay, the ctime moves."""
-    path = tmp_path / "model.safetensors"
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "model.safetensors"
     path.write_bytes(b"a" * 100)
     before = path.stat()
     assert digests.file_digest(path) == sha(b"a" * 100)
+    model = digests.directory_digest(tmp_path / "model")
     time.sleep(0.05)  # past a tick of the file system's coarse clock
     path.write_bytes(b"b" * 100)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = path.stat()
     assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
     assert after.st_ctime_ns != before.st_ctime_ns
+    assert digests.directory_digest(tmp_path / "model") != model  # the model swap is seen
     assert digests.file_digest(path) == sha(b"b" * 100) and len(reads) == 2
 
 
