@@ -11,7 +11,7 @@ array it is given (dtype, shape, offsets, code ranges): a damaged file is refuse
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -132,7 +132,3 @@ def _offsets(arrays: dict[str, np.ndarray], name: str, total: int, length: int |
     if length is not None and len(offsets) != length + 1:
         raise ColumnError(f"{name}: {len(offsets) - 1} rows, expected {length}")
     return offsets
-
-
-def as_int_array(values: Sequence[int], dtype: type) -> np.ndarray:
-    return np.fromiter(values, dtype=dtype, count=len(values))

@@ -26,7 +26,6 @@ from typing import TypeVar
 import numpy as np
 
 from lever_lm.data import columns
-from lever_lm.data.columns import ColumnError
 from lever_lm.digests import cache_dir, file_digest
 from lever_lm.io import atomic_output
 
@@ -114,6 +113,3 @@ def _warn_once(key: str, message: str, *args) -> None:
     if key not in _warned:
         _warned.add(key)
         log.warning(message, *args)
-
-
-__all__ = ["ColumnError", "cached_parse"]
