@@ -51,7 +51,6 @@ def run_settings(request: GenerationRequest, inputs: Inputs) -> dict:
         "val_questions": request.val_ques_path,
         "val_annotations": request.val_ann_path,
     }
-    images = {inputs.dataset.image_path(row) for row in range(len(inputs.dataset))}
     return {
         "format_version": FORMAT_VERSION,
         "proposal": {**asdict(inputs.proposal), "temps": list(inputs.proposal.temps)},
@@ -68,7 +67,7 @@ def run_settings(request: GenerationRequest, inputs: Inputs) -> dict:
             request.vqa_model, model_path=request.vqa_model_path, config=request.config, device=request.device
         ),
         "inputs": {name: file_digest(path) for name, path in files.items() if path is not None},
-        "images": files_digest(images, paths.train_image_root),
+        "images": files_digest(inputs.dataset.image_names(), paths.train_image_root),
         "code": code_digest(),
     }
 

@@ -3,8 +3,9 @@
 Each worker is a Ray actor with one CPU and `--gpus_per_worker` GPUs (fractions pack small models
 on one GPU). It loads the VQA backend once and builds a `BlockScorer` from the run's inputs, which
 the driver loaded once and put in Ray's object store: no worker reads the annotations, the
-embeddings or the SFT checkpoint from disk (the images and the VQA model are read where the worker
-runs, so every node needs them at the same paths).
+embeddings or the SFT checkpoint from disk, and the workers of a node share one copy of the
+embeddings and the data set's columns (`for_object_store`). The images and the VQA model are read
+where the worker runs, so every node needs them at the same paths.
 
 The driver hands each block that holds a query to do to whichever worker is free. The worker
 scores it exactly as the local engine does (`BlockScorer.run`), in a thread, and the driver keeps
@@ -31,6 +32,7 @@ accelerator failure), or a bug. Plain actor calls, not streaming generators, so 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -39,6 +41,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -110,6 +113,7 @@ class BlockWorker:
         apply_process_settings()  # before CUDA starts (Ray started this process, not an entry point)
         torch.set_num_threads(spec.threads)
         _check_same_code_and_libraries(spec.expected)
+        inputs = from_object_store(inputs)
         backend = load_backend(
             spec.vqa_model,
             model_path=spec.model_path,
@@ -158,6 +162,26 @@ class BlockWorker:
                 item = self.finished.get_nowait()
             except queue.Empty:
                 return results, False
+
+
+def for_object_store(inputs: Inputs) -> Inputs:
+    """The inputs as Ray's object store holds them: the embeddings as numpy arrays (one array when
+    both files are the same), which every worker of a node maps read-only from the shared store,
+    where a torch tensor would be unpickled into a private copy per worker. The data set's columns
+    are numpy arrays already (`lever_lm.data.columns`)."""
+    query = inputs.query_emb.numpy()
+    cand = query if inputs.cand_emb is inputs.query_emb else inputs.cand_emb.numpy()
+    return dataclasses.replace(inputs, query_emb=query, cand_emb=cand)
+
+
+def from_object_store(inputs: Inputs) -> Inputs:
+    """The worker's view of `for_object_store`'s inputs: tensors over the shared, read-only arrays
+    (nothing writes to the embeddings)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        query = torch.from_numpy(inputs.query_emb)
+        cand = query if inputs.cand_emb is inputs.query_emb else torch.from_numpy(inputs.cand_emb)
+    return dataclasses.replace(inputs, query_emb=query, cand_emb=cand)
 
 
 def _check_same_code_and_libraries(expected: dict) -> None:
@@ -300,7 +324,7 @@ class RayEngine:
             # On CUDA an open batch size comes from each worker's free memory: one worker decides it
             # for all. On a CPU it is the config's (or the default) in every worker alike.
             dispatcher = Dispatcher(
-                ray.put(inputs),
+                ray.put(for_object_store(inputs)),
                 spec,
                 self.gpus_per_worker,
                 blocks,
