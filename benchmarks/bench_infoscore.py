@@ -20,7 +20,12 @@ counts. CPU time (one torch thread) is the work done and stays put when other jo
 machine; wall-clock time is printed too.
 """
 
+# ruff: noqa: E402 -- the process settings are applied before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import os

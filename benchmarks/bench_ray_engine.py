@@ -17,7 +17,12 @@ than 2x; no engine can scale past it). The local engine (this process, one threa
 (end to end only: it has no separate scoring phase). Every run must write the same bytes.
 """
 
+# ruff: noqa: E402 -- the process settings are applied before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import os
@@ -109,7 +114,7 @@ def generate(flags: list[str], output: Path, block: int) -> tuple[float | None, 
     """One run from an empty journal: (scoring seconds (Ray only), end-to-end seconds, candidates, output)."""
     args = build_parser().parse_args([*flags, f"--output_path={output}", f"--proposal_block={block}"])
     started = time.perf_counter()
-    summary = run_generation(request_from_args(args), block_size=block)
+    summary = run_generation(request_from_args(args))
     seconds = time.perf_counter() - started
     scoring = summary.engine["scoring_seconds"] if summary.engine else None
     return scoring, seconds, summary.candidates_processed, output.read_bytes()

@@ -19,12 +19,13 @@ what finished):
 
 from __future__ import annotations
 
-import os
+from lever_lm.process import apply_process_settings
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+apply_process_settings()  # before torch is imported (lever_lm.process)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402

@@ -1,7 +1,8 @@
 """Reading JSON inputs, and atomic file output.
 
-`read_json` is the one JSON reader of the project's inputs: a missing file, bad JSON, the wrong
-top-level type or (where asked) a key written twice is an `InputError` naming the file. A repeated
+`read_json` is the one JSON reader of the project's inputs: a missing file, bad JSON (nesting too
+deep for the parser included: `parse_json`), the wrong top-level type or (where asked) a key
+written twice is an `InputError` naming the file. A repeated
 key matters: `json.load` would silently keep the last value, so a hand-edited file could change a
 result without a word.
 
@@ -17,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,16 @@ def is_json_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def parse_json(text: str | bytes, **kwargs) -> Any:
+    """`json.loads`; JSON nested deeper than the parser's limit (Python's recursion limit, about
+    1000 levels; no file of the project nests more than 8) is a ValueError like any other bad JSON,
+    never a RecursionError."""
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {sys.getrecursionlimit()} levels") from None
+
+
 def read_json(path: str | Path, expect: type = dict, unique_keys: bool = False) -> Any:
     """The parsed JSON file, checked to be an `expect` (dict or list) at the top level."""
     path = Path(path)
@@ -40,8 +52,8 @@ def read_json(path: str | Path, expect: type = dict, unique_keys: bool = False) 
     hook = _refuse_repeated_keys(path) if unique_keys else None
     try:
         with path.open(encoding="utf-8") as handle:
-            data = json.load(handle, object_pairs_hook=hook)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            data = parse_json(handle.read(), object_pairs_hook=hook)
+    except (ValueError, UnicodeDecodeError) as error:
         raise InputError(path, f"not valid JSON: {error}") from None
     if not isinstance(data, expect):
         what = "object" if expect is dict else "list" if expect is list else expect.__name__

@@ -2,23 +2,24 @@
 
 The command line in dvc.yaml gives the stage's own files and the `infoscore` section; the
 settings it shares with the RL generator -- the training split, the VQA model and its config,
-device, batch size and engine -- come from params.yaml's top level, mapped onto the flags by
-`lever_lm.params.flags_from_params` (a null or empty value keeps the default).
+device, batch size and engine (`lever_lm.infoscore.cli.SHARED_PARAMS`) -- come from params.yaml's
+top level, each value's type checked and each key tracked by the stage in dvc.yaml
+(`lever_lm.rl.params.stage_argv`; null: the default). Extra command-line arguments are passed
+through (e.g. --limit 8).
 """
 
-import sys
+from lever_lm.process import apply_process_settings
 
-import yaml
+apply_process_settings()  # before anything imports torch
 
-from lever_lm.infoscore.cli import build_parser, main
-from lever_lm.params import flags_from_params
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-SHARED = (
-    "dataset", "train_ques_path", "train_ann_path", "train_image_root", "vqa_model", "vqa_model_path", "config",
-    "device", "batch_size", "engine", "ray_address", "num_workers", "gpus_per_worker",
-)  # fmt: skip
+from lever_lm.errors import exit_on_input_error  # noqa: E402
+from lever_lm.infoscore.cli import SHARED_PARAMS, STAGE, build_parser, main  # noqa: E402
+from lever_lm.rl.params import stage_argv  # noqa: E402
 
 if __name__ == "__main__":
-    with open("params.yaml", encoding="utf-8") as handle:
-        params = yaml.safe_load(handle)
-    main(flags_from_params({key: params[key] for key in SHARED if key in params}, build_parser()) + sys.argv[1:])
+    with exit_on_input_error():
+        argv = stage_argv(Path("params.yaml"), Path("dvc.yaml"), build_parser(), stage=STAGE, keys=SHARED_PARAMS)
+    main(argv + sys.argv[1:])

@@ -63,6 +63,25 @@ class RLInputs:
             "--train_image_root", str(self.vqa / "mscoco2014" / "train2014"),
         ]  # fmt: skip
 
+    def generator_argv(self, output: Path, *extra: str) -> list[str]:
+        """The generator's flags for these inputs with few candidates per query (2 beams, 1 sample, 1 random)."""
+        return [
+            "--sft_ckpt", str(self.sft_ckpt), "--beam_data", str(self.beam_data), "--output_path", str(output),
+            "--query_emb", str(self.query_emb), "--cand_emb", str(self.cand_emb), "--vqa_model_path", str(self.vlm),
+            *self.dataset_flags(), "--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1",
+            "--num_random", "1", "--device", "cpu", "--no_progress", *extra,
+        ]  # fmt: skip
+
+    def dataset_paths(self):
+        from lever_lm.data.dataset_paths import DatasetPaths
+
+        vqa = self.vqa
+        return DatasetPaths(
+            vqa / "OpenEnded_mscoco_train2014_questions.json",
+            vqa / "mscoco_train2014_annotations.json",
+            vqa / "mscoco2014" / "train2014",
+        )
+
 
 @pytest.fixture(scope="session")
 def rl_inputs(demo_dir: Path, tmp_path_factory) -> RLInputs:

@@ -5,6 +5,7 @@ Settings are shrunk (8 queries, 2 beams, ...) so the whole module takes about a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -115,7 +116,7 @@ def test_exp_run_with_per_query_pools(repo: Path):
     beam = json.loads((repo / "data/beam/beam_data.json").read_text())
     assert list(data) == list(beam) == list(cache), "the beam data's queries are the sampler cache's"
     for key, entry in data.items():
-        assert entry["query"]["candidate_pool_ids"] == cache[key] and len(cache[key]) == 16
+        assert entry["candidate_pool_ids"] == cache[key] and len(cache[key]) == 16
         assert all(set(ids[:-1]) <= set(cache[key]) for ids in beam[key]["id_list"])
         assert all(c["pointer_global"] == [cache[key][i] for i in c["pointer"]] for c in entry["pointer_candidates"])
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
@@ -168,6 +169,13 @@ def test_validation_stage_fails_on_a_corrupted_rl_file(repo: Path):
     first = next(iter(data))
     data[first]["pointer_candidates"][0]["pointer"][0] = int(first)  # the query in its own prompt
     path.write_text(json.dumps(data))
+    result = dvc(repo, "repro", "--single-item", "validate", check=False)
+    assert result.returncode != 0
+    assert "its sha256 is not the one its meta sidecar" in result.stdout + result.stderr
+    meta_path = repo / "data/rl/rl_data.json.meta.json"  # a careful forger updates the sidecar too
+    meta = json.loads(meta_path.read_text())
+    meta["data_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
     result = dvc(repo, "repro", "--single-item", "validate", check=False)
     assert result.returncode != 0
     assert "contains the query itself" in result.stdout + result.stderr

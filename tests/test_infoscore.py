@@ -381,8 +381,10 @@ def test_a_run_killed_mid_way_resumes_to_the_same_bytes(split, demo_dir, pools_f
     assert 3 <= lines < 7 and not out.exists(), "the kill should land mid-run"
     with journal.open("ab") as handle:
         handle.write(b'{"query_idx": 1, "attem')  # a torn last line, as a kill mid-write leaves
-    cli.main(_argv(split, demo_dir, pools_file, out))
+    cli.main(_argv(split, demo_dir, pools_file, out))  # --batch_size 8: the journal's pinned 2 wins
     assert out.read_bytes() == reference_run.read_bytes()
+    assert json.loads(journal.read_bytes().splitlines()[0])["pinned"]["batch_size"] == 2
+    assert json.loads(out.with_name("beam.json.meta.json").read_text())["run"]["batch_size"] == 2
 
 
 def test_shards_and_a_limit_write_what_one_run_writes(split, demo_dir, pools_file, reference_run, tmp_path, dataset):
@@ -407,7 +409,8 @@ def test_a_corrupt_line_is_refused_and_a_changed_setting_starts_a_new_journal(
     record = json.loads(first)
     del record["sha256"]
     record["entry"]["id_list"][0][0] = record["query_idx"]  # the query as its own ICD, checksum made anew
-    journal.write_bytes(header + (record_line(record) + "\n").encode() + b"".join(rest))
+    binding = JournalSpec.from_header(json.loads(header)).binding  # the checksum names the run and shard
+    journal.write_bytes(header + (record_line(record, binding) + "\n").encode() + b"".join(rest))
     with pytest.raises(SystemExit) as exit_:
         cli.main(_argv(split, demo_dir, pools_file, out, "--limit", "2"))
     assert exit_.value.code == 2 and "contains the query itself as an ICD" in capsys.readouterr().err

@@ -231,7 +231,7 @@ def test_a_block_that_loses_three_workers_stops_the_run_naming_it(monkeypatch):
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     monkeypatch.setattr(Dispatcher, "start_worker", lambda self: self.workers.append(Worker(len(self.workers), None)))
     block = Block(3, [10, 11, 12, 13], {12, 13})  # 10 and 11 are journaled already
-    dispatcher = Dispatcher(None, None, 0, [Block(4, [14, 15], {14, 15})], on_result=None)
+    dispatcher = Dispatcher(None, None, 0, [Block(4, [14, 15], {14, 15})], on_result=None, pin_batch_size=None)
     for attempt in range(1, 3):
         worker = Worker(len(dispatcher.workers), None, info={"pid": 1}, block=block)
         dispatcher.workers.append(worker)
@@ -276,3 +276,49 @@ def test_a_worker_hands_back_every_finished_query_then_the_error_that_stopped_it
         assert fail_after == 1 and collected == [5]
     else:
         assert fail_after is None and collected == [5, 6, 7]
+
+
+def test_a_local_journal_resumes_on_ray_with_its_pinned_batch_size_and_threads(
+    cluster, local_output, rl_inputs, tmp_path, one_torch_thread
+):
+    """Started by the local engine (1 thread, batch 16, as `local_output`) and stopped after 3 queries (its
+    journal cut there, as a kill leaves it), resumed on Ray with another --batch_size: the workers score
+    with the journal's pins, and the bytes are the local run's."""
+    output = tmp_path / "rl.json"
+    shutil.copytree(local_output.with_name("rl.json.journal"), tmp_path / "rl.json.journal")
+    (journal,) = (tmp_path / "rl.json.journal").glob("*/shard-0-of-1.jsonl")
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert len(lines) > 4, "the local run should have journaled more than 3 queries"
+    journal.write_bytes(b"".join(lines[:4]))
+    generate_rl_data.main(ray_argv(rl_inputs, output, cluster, "--num_workers", "1", "--batch_size", "5"))
+    assert output.read_bytes() == local_output.read_bytes()
+    workers = json.loads(output.with_name("rl.json.meta.json").read_text())["engine"]["workers"]
+    assert [(w["batch_size"], w["torch_threads"]) for w in workers] == [(16, 1)]
+
+    # A journal that pinned 2 threads (a local run on a 2-core machine) is resumed with 2 per worker.
+    header, *records = journal.read_bytes().splitlines(keepends=True)
+    pinned = json.loads(header)
+    pinned["pinned"]["torch_threads"] = 2
+    journal.write_bytes(json.dumps(pinned, separators=(",", ":")).encode() + b"\n" + b"".join(records[:-2]))
+    generate_rl_data.main(ray_argv(rl_inputs, output, cluster, "--num_workers", "1"))
+    workers = json.loads(output.with_name("rl.json.meta.json").read_text())["engine"]["workers"]
+    assert [(w["batch_size"], w["torch_threads"]) for w in workers] == [(16, 2)]
+
+
+def test_an_open_gpu_batch_size_is_chosen_by_one_worker_before_the_others_load(monkeypatch):
+    """On CUDA each worker would size its batch from its own free memory: the first decides for all."""
+    from dataclasses import replace
+
+    from lever_lm.rl.engines.ray import WorkerSpec
+
+    monkeypatch.setattr(Dispatcher, "start_worker", lambda self: self.workers.append(Worker(len(self.workers), None)))
+    spec = WorkerSpec("qwen", None, {}, None, None, "cuda:0", 1, RESULT_CODE, {})
+    pinned = []
+    dispatcher = Dispatcher(None, spec, 1, [], None, pinned.append, load_one_first=True)
+    dispatcher.start_workers(3)
+    assert len(dispatcher.workers) == 1
+    dispatcher.ready(dispatcher.workers[0], {"node": "n", "pid": 1, "gpus": ["0"], "batch_size": 24, "load_seconds": 1})
+    assert pinned == [24] and dispatcher.spec == replace(spec, batch_size=24) and len(dispatcher.workers) == 3
+    eager = Dispatcher(None, replace(spec, device="cpu"), 0, [], None, pinned.append)
+    eager.start_workers(3)
+    assert len(eager.workers) == 3

@@ -10,14 +10,18 @@ ways a run stops: one line on stderr and a non-zero exit, never a traceback, and
 same command resumes from the journal.
 """
 
+# ruff: noqa: E402 -- `python -m lever_lm.infoscore.cli` applies the process settings before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import dataclasses
 import logging
 from pathlib import Path
 
-import lever_lm.models.v3.generate_rl_data  # noqa: F401 -- the generators' process settings, before torch starts
 from lever_lm.config import load_config
 from lever_lm.data.dataset_paths import FIELDS as DATASET_FIELDS
 from lever_lm.data.dataset_paths import add_dataset_arguments, resolve_dataset_paths
@@ -30,6 +34,14 @@ from lever_lm.vqa.backends import available_backends
 
 OPTIONS = {f.name: f.default for f in dataclasses.fields(JobOptions)}
 SEARCH = SearchSettings()
+STAGE = "beam_data"  # the DVC stage (stages/beam_data.py)
+# The top-level keys of params.yaml the stage takes, shared with the RL generator (one value serves
+# both); dvc.yaml's stage tracks each. The search's settings are the `infoscore` section, the files
+# the stage's command line; shards, --merge, --limit and --journal_dir are for runs by hand.
+SHARED_PARAMS = (
+    "dataset", "train_ques_path", "train_ann_path", "train_image_root", "vqa_model", "vqa_model_path", "config",
+    "device", "batch_size", "engine", "ray_address", "num_workers", "gpus_per_worker",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,14 +8,17 @@
    numerics), the inputs' and images' content, and the code that computes a result;
 3. run every block of queries that holds a query still to do, on the local or the Ray engine,
    journaling each finished query (`lever_lm.rl.generate.run_plan`: the RL data's journal,
-   shards, resume and engines);
+   pins, shards, resume and engines);
 4. write the beam JSON from the journal (docs/formats.md §3.2; `lever_lm.infoscore.records`).
 
 Each query is searched on its own (`BeamSearcher`): its prompts go to the backend step by step,
 every expansion of a step in one call, cut into batches from that query's prompts alone. A
-query's result therefore depends on nothing but the query, its pool and the settings: a resumed,
-limited, sharded or Ray run writes the bytes an uninterrupted local run writes (on one device
-type; batch size and threads move float32 results in their last bits only, like the RL data's).
+query's result therefore depends on nothing but the query, its pool, the settings and the two
+things that move float results in their last bits: the batch size (a prompt's batch-mates and
+padding; the shared prefix a batch runs once) and, on a CPU, the torch thread count. The journal
+pins both when a run starts (`journal.Pins`, as for the RL data) and every resume scores with
+them, on either engine: a resumed or limited run writes the bytes an uninterrupted run writes. A
+fresh Ray run on a CPU scores with one torch thread per worker (it equals a local run with one).
 """
 
 from __future__ import annotations
@@ -35,10 +38,19 @@ from lever_lm.infoscore.records import BeamRules, BeamTotals, beam_entry, beam_s
 from lever_lm.infoscore.search import SearchSettings, info_score_search
 from lever_lm.models.v3.pools import read_sampler_cache
 from lever_lm.rl import fingerprints
-from lever_lm.rl.blocks import PROPOSAL_BLOCK, QueryResult
-from lever_lm.rl.generate import RunPlan, RunSummary, run_plan
+from lever_lm.rl.blocks import QueryResult
+from lever_lm.rl.generate import (
+    RunPlan,
+    RunSummary,
+    library_versions,
+    request_record,
+    run_info,
+    run_plan,
+    run_timing,
+)
 from lever_lm.rl.job import JobType
-from lever_lm.rl.request import JobOptions, check_job_options
+from lever_lm.rl.output import check_output_names
+from lever_lm.rl.request import PROPOSAL_BLOCK, JobOptions, check_job_options
 from lever_lm.vqa.backends import describe_settings
 from lever_lm.vqa.backends.base import VQABackend
 from lever_lm.vqa.prompts import build_prompt
@@ -80,6 +92,7 @@ def run_beam_data(request: BeamDataRequest, backend: VQABackend | None = None) -
     `backend`: an already loaded VQA backend (tests, benchmarks); by default the request's model is
     loaded, and only when there is work to do.
     """
+    check_output_names(request.output_path)
     check_job_options(request)
     return run_plan(plan_beam_data(request), backend)
 
@@ -95,6 +108,7 @@ def plan_beam_data(request: BeamDataRequest) -> RunPlan:
         describe=describe_beam_data,
         unit="prompts",
         code=RESULT_CODE,
+        meta=beam_meta,
     )
     return RunPlan(request, inputs, settings, fingerprints.fingerprint(settings), BLOCK_SIZE, rules, job)
 
@@ -124,7 +138,6 @@ def run_settings(request: BeamDataRequest, inputs: BeamInputs) -> dict:
         "train_questions": paths.train_ques_path,
         "train_annotations": paths.train_ann_path,
     }
-    images = {inputs.dataset.image_path(row) for row in range(len(inputs.dataset))}
     vqa = describe_settings(
         request.vqa_model, model_path=request.vqa_model_path, config=request.config, device=request.device
     )
@@ -136,8 +149,25 @@ def run_settings(request: BeamDataRequest, inputs: BeamInputs) -> dict:
         "answer": ANSWER_RULE,
         "vqa": vqa,
         "inputs": {name: file_digest(path) for name, path in files.items()},
-        "images": files_digest(images, paths.train_image_root),
+        "images": files_digest(inputs.dataset.image_names(), paths.train_image_root),
         "code": fingerprints.code_digest(RESULT_CODE),
+    }
+
+
+def beam_meta(plan: RunPlan, journals: list[Path], summary: RunSummary, data_sha256: str) -> dict:
+    """The beam data's `<output>.meta.json`: the RL data sidecar's top-level keys (`lever_lm.rl.meta`),
+    with this job's settings and counts (`BeamTotals`); nothing reads it back but people and tests."""
+    return {
+        "fingerprint": plan.fingerprint,
+        "data_sha256": data_sha256,
+        "settings": plan.settings,
+        "journals": [str(p) for p in journals],
+        "counts": summary.final,
+        "run": dataclasses.asdict(run_info(plan.request, summary)),
+        "timing": run_timing(plan, summary),
+        "engine": summary.engine,
+        "versions": library_versions(),
+        "request": request_record(plan.request),
     }
 
 

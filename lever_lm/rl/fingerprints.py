@@ -39,7 +39,7 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:FINGERPRINT_LENGTH]
 
 
-def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) -> dict:
+def run_settings(request: GenerationRequest, inputs: Inputs) -> dict:
     """The JSON-serialisable settings dict whose hash names the journal directory."""
     paths = request.dataset
     files = {
@@ -52,7 +52,6 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
         "val_questions": request.val_ques_path,
         "val_annotations": request.val_ann_path,
     }
-    images = {inputs.dataset.image_path(row) for row in range(len(inputs.dataset))}
     return {
         "format_version": FORMAT_VERSION,
         "proposal": {**asdict(inputs.proposal), "temps": list(inputs.proposal.temps)},
@@ -61,7 +60,7 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
         "proposal_code": {
             "scan_chunk": proposals.SCAN_CHUNK,
             "draw_block": proposals.DRAW_BLOCK,
-            "query_block": block_size,
+            "query_block": request.proposal_block,
         },
         "eval_mode": request.eval_mode,
         "gt_prob": request.gt_prob,
@@ -69,7 +68,7 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
             request.vqa_model, model_path=request.vqa_model_path, config=request.config, device=request.device
         ),
         "inputs": {name: file_digest(path) for name, path in files.items() if path is not None},
-        "images": files_digest(images, paths.train_image_root),
+        "images": files_digest(inputs.dataset.image_names(), paths.train_image_root),
         "code": code_digest(),
     }
 

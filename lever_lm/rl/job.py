@@ -10,7 +10,10 @@ differs is said here, by a `JobType`:
 - `new_totals`: counts what the final file holds (the log and the meta sidecar);
 - `describe`: one log line about the finished file;
 - `unit`: what a result's `work` counts (candidates scored, prompts scored), for progress and meta;
-- `code`: the project code that shapes the job's results (its fingerprint; a Ray worker checks it).
+- `code`: the project code that shapes the job's results (its fingerprint; a Ray worker checks it);
+- `meta`: the `<output>.meta.json` sidecar of a finished run, from the plan, the journals, the run's
+  summary and the file's sha256 (`RunMeta` for RL data, which validation reads back; a dict of the
+  same top-level keys for beam data).
 
 A job's records are checked on every journal read by the rules its journal spec carries
 (`RecordRules` for RL data, `BeamRules` for beam data): each says what its records look like.
@@ -53,3 +56,4 @@ class JobType:
     describe: Callable[[dict, float], str]
     unit: str
     code: tuple[str, ...]
+    meta: Callable[..., Any]

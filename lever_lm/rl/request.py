@@ -23,6 +23,7 @@ from lever_lm.vqa.backends.base import resolve_device
 from lever_lm.vqa.metric import MODES
 
 ENGINES = ("local", "ray")
+PROPOSAL_BLOCK = 32  # queries proposed together: the unit of sharding and of the engines' scheduling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,7 @@ class GenerationRequest(JobOptions):
     proposal: ProposalSettings = ProposalSettings()
     pools: PoolSettings = PoolSettings()
     shot_num: int | None = None  # None: from the beam data (overrides proposal.shot_num)
+    proposal_block: int = PROPOSAL_BLOCK  # shapes the pointer's float rounding: part of the fingerprint
     eval_mode: str = "always"
     gt_prob: bool = True  # vqa_gt_prob: the likelihood of each human answer (off: the field is null)
 
@@ -75,6 +77,8 @@ def check_request(request: GenerationRequest) -> None:
     """Refuse settings and output locations that cannot work, before anything is read or computed."""
     if request.shot_num is not None and request.shot_num < 1:
         raise InputError(None, f"--shot_num must be >= 1 (got {request.shot_num})")
+    if request.proposal_block < 1:
+        raise InputError(None, f"--proposal_block must be >= 1 (got {request.proposal_block})")
     if (request.val_ques_path is None) != (request.val_ann_path is None):
         raise InputError(None, "give both --val_ques_path and --val_ann_path, or neither")
     if request.eval_mode not in MODES:

@@ -33,7 +33,12 @@ Cost: rand needs no model. The similarity samplers embed the whole training spli
 export's cost, minutes on a GPU.
 """
 
+# ruff: noqa: E402 -- `python -m lever_lm.models.v3.samplers` applies the process settings before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import logging

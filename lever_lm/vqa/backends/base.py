@@ -300,7 +300,7 @@ class BatchRunner:
                 return work()
             except Exception as error:  # noqa: BLE001 -- sorted below; the rest is re-raised
                 if is_accelerator_failure(error):
-                    raise AcceleratorFailure(_accelerator_message(error)) from error
+                    raise AcceleratorFailure(accelerator_message(error)) from error
                 if not is_out_of_memory(error):
                     raise
                 reason = short_error(error)
@@ -333,7 +333,7 @@ class BatchRunner:
             return list(run(batch))
         except Exception as error:  # noqa: BLE001 -- a prompt's failure must not stop the other candidates
             if is_accelerator_failure(error):
-                raise AcceleratorFailure(_accelerator_message(error)) from error
+                raise AcceleratorFailure(accelerator_message(error)) from error
             failure = (is_out_of_memory(error), short_error(error))
         # Past the except block, the traceback and the failed call's tensors are released.
         out_of_memory, reason = failure
@@ -371,7 +371,8 @@ class BatchRunner:
         )
 
 
-def _accelerator_message(error: BaseException) -> str:
+def accelerator_message(error: BaseException) -> str:
+    """What an `AcceleratorFailure` says (the backends' and the pointer's alike)."""
     return (
         f"the accelerator failed ({short_error(error)}); every later call on it would fail too, so the run stops "
         "here. The queries journaled so far are kept: fix or change the device, then rerun to resume"

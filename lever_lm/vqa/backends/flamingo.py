@@ -8,7 +8,9 @@
 
 Each prompt is `<image>Question:{q} Short answer:{a}<|endofchunk|>` per ICD, then the query
 (`prompts.flamingo_text`, template from `vqa_model`), decoded with the project's settings (3 beams,
-5 new tokens, no length penalty) until `<|endofchunk|>`. Per distinct image the CLIP tower and the
+5 new tokens, no length penalty) until `<|endofchunk|>`. Questions and answers are plain text: a
+question holding `<image>` or `<|endofchunk|>` is tokenised as those characters, never as the
+markers (`chat_encoding.ControlTokenText`, as in the chat backends). Per distinct image the CLIP tower and the
 perceiver run once; the cache keeps the 64 resampled latents on the model's device. A batch then
 only tokenizes (left padding), stacks each prompt's latents and calls `generate`.
 
@@ -33,6 +35,7 @@ import torch
 from lever_lm.errors import InputError
 from lever_lm.vqa.backends.base import Generation, ReplyScores, default_dtype, describe_numerics, resolve_device
 from lever_lm.vqa.backends.batched import BatchedBackend
+from lever_lm.vqa.backends.chat_encoding import ControlTokenText
 from lever_lm.vqa.backends.shared_prefix import shared_prefix_length
 from lever_lm.vqa.flamingo.generation import FlamingoForGeneration
 from lever_lm.vqa.flamingo.loading import LoadedFlamingo, clip_pixels, load_openflamingo, locate_files
@@ -62,6 +65,7 @@ class FlamingoBackend(BatchedBackend):
     def __init__(self, name: str, loaded: LoadedFlamingo, settings: VQAModelSettings, device: torch.device, path: Path):
         super().__init__(name, loaded.model, settings, device, path)
         self.tokenizer = loaded.tokenizer
+        self.text = ControlTokenText(loaded.tokenizer)
         self.image_size = loaded.image_size
         self.media_token_id = loaded.media_token_id
         self.eoc_token_id = loaded.eoc_token_id
@@ -73,7 +77,7 @@ class FlamingoBackend(BatchedBackend):
         }
 
     def _prepare(self, prompt: FewShotPrompt, replies: Sequence[str] | None = None) -> PreparedPrompt:
-        text = flamingo_text(prompt, self.settings.prompt)
+        text = flamingo_text(prompt, self.settings.prompt, escape=self.text.escape)
         media = tuple(self.image_cache.get(path) for path in prompt.images)
         reply_tokens = self._reply_tokens(replies)
         return PreparedPrompt(text=text, media=media, reply_tokens=reply_tokens, image_paths=prompt.images)
@@ -83,8 +87,7 @@ class FlamingoBackend(BatchedBackend):
         the chunk (the ICDs show answers that way: `Short answer:{a}<|endofchunk|>`)."""
         if replies is None:
             return None
-        encode = self.tokenizer
-        return tuple(tuple(encode(r, add_special_tokens=False)["input_ids"]) + (self.eoc_token_id,) for r in replies)
+        return tuple(tuple(self.text.encode(self.text.escape(r))) + (self.eoc_token_id,) for r in replies)
 
     def _process_image(self, image) -> torch.Tensor:
         """Host side (thread-safe): CLIP's resize, crop and normalisation, [3, H, W]."""
@@ -180,7 +183,7 @@ class FlamingoBackend(BatchedBackend):
 
     def _encode(self, batch: list[PreparedPrompt]) -> dict:
         """Left-padded token ids, and each prompt's image latents padded to the batch's most images."""
-        tokens = self.tokenizer([prepared.text for prepared in batch], padding=True, return_tensors="pt")
+        tokens = self.text.tokenize([prepared.text for prepared in batch], padding=True, return_tensors="pt")
         input_ids = tokens["input_ids"]
         counts = (input_ids == self.media_token_id).sum(dim=1).tolist()
         for prepared, count in zip(batch, counts):
