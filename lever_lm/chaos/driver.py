@@ -8,11 +8,11 @@ times, restarting it after each kill, then lets it finish. A kill is one of
   plus a random part of the time the reference took per line;
 - `power_loss`: as `scoring`, then the journal's last line is replaced by NUL bytes up to the next
   4 KiB (what a power loss leaves when the data of the last write never reached the disk);
-- `final_write`: while one of the final outputs is written: as soon as its temporary file exists,
-  or (for an output larger than a write buffer) once it holds a random part of the output's bytes.
-  That window lasts a few milliseconds, so near the end of the job the driver runs it in steps of
-  0.5 ms (SIGCONT ... SIGSTOP) and looks at the files while it is stopped: the kill lands where the
-  driver saw it;
+- `final_write`: while one of the final outputs is written (as soon as its temporary file exists,
+  or, for an output larger than a write buffer, once it holds a random part of the output's bytes),
+  or between one output in place and the next. Those windows last milliseconds, so near the end
+  of the job the driver runs it in steps (SIGCONT ... SIGSTOP; 0.5 ms, then 0.1 ms once the journal
+  is complete) and looks at the files while it is stopped: the kill lands where the driver saw it;
 - `worker`: a random live worker process, once the journal has grown (jobs with workers).
 
 Where each kill landed is read from the files, not assumed: journal lines before and after, which
@@ -42,7 +42,8 @@ MODES = ("startup", "scoring", "power_loss", "final_write")
 WORKER_MODE = "worker"
 KILLS_PER_ROUND = 5  # at most, then the round runs to the end and is compared
 POLL_SECONDS = 0.02
-STEP_SECONDS = 0.0005  # how long the job runs between two looks near its final write
+STEP_SECONDS = 0.0005  # how long the job runs between two looks near its final write...
+FINE_STEP_SECONDS = 0.0001  # ...and once its journal is complete
 SNAPSHOT_SECONDS = 0.5  # how often the job's process tree is recorded (and before every kill)
 SETTLE_SECONDS = 90.0  # how long the processes of a killed job may take to go (Ray's agents take ~60 s)
 EXIT_GRACE_SECONDS = 5.0  # ...and those of a job that ended by itself
@@ -175,6 +176,12 @@ def run_chaos(
     report = ChaosReport(rounds, time.time() - started)
     say(f"chaos: {report.summary()}")
     return report
+
+
+def final_write_points(outputs: int) -> list[tuple[str, int, float]]:
+    """Where a final-write kill may aim: each output's temporary file (its creation; the fraction of
+    its bytes is drawn later), and each point between one output in place and the next."""
+    return [("temporary", i, 0.0) for i in range(outputs)] + [("between", i, 0.0) for i in range(outputs - 1)]
 
 
 def plan_rounds(rng: random.Random, modes: Sequence[str], kills: int, per_round: int) -> list[list[str]]:
@@ -334,19 +341,19 @@ class ChaosRound:
             run.check_timeout()
             time.sleep(POLL_SECONDS)
 
-    def step_until(self, run: JobProcess, trigger: Callable[[], bool]) -> bool:
+    def step_until(self, run: JobProcess, trigger: Callable[[], bool], fine: Callable[[], bool]) -> bool:
         """Run the job in short steps until `trigger` holds while it is stopped (True; it stays stopped
-        for the kill) or it ends (False).
+        for the kill) or it ends (False). A step lets it run for STEP_SECONDS, FINE_STEP_SECONDS once
+        `fine()` says the window is near.
 
-        The job's main thread (where the final write runs) is moved to the driver's CPU at nice 19:
-        while the driver waits for that CPU after a step, the job barely runs, so a step stays short
-        on a loaded machine.
+        The job's main thread (where the final write runs) shares the driver's CPU at nice 19: while
+        the driver waits for that CPU, the job hardly runs, so a step stays short on a loaded machine
+        (not always: the driver can be kept off its CPU for milliseconds).
         """
         own = os.sched_getaffinity(0)
-        cpu = {min(own)}
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, cpu)
-            os.sched_setaffinity(run.popen.pid, cpu)
+            os.sched_setaffinity(0, {min(own)})
+            os.sched_setaffinity(run.popen.pid, {min(own)})
             os.setpriority(os.PRIO_PROCESS, run.popen.pid, 19)
         try:
             while True:
@@ -356,9 +363,9 @@ class ChaosRound:
                 stopped(run.popen.pid)
                 if trigger():
                     return True
-                run.popen.send_signal(signal.SIGCONT)
                 run.check_timeout()
-                time.sleep(STEP_SECONDS)
+                run.popen.send_signal(signal.SIGCONT)
+                time.sleep(FINE_STEP_SECONDS if fine() else STEP_SECONDS)
         finally:
             os.sched_setaffinity(0, own)
 
@@ -412,26 +419,31 @@ class ChaosRound:
         return kill
 
     def wait_for_final_write(self, run: JobProcess, kill: Kill) -> bool:
-        """Stop the job once an output's temporary file exists (fraction 0) or holds a random fraction
-        of the output's bytes; or once that output is in place, when the window passed between two steps."""
-        output = self.rng.choice(self.job.outputs).path
-        # A part of the bytes only where the output takes several writes (more than one write buffer).
-        several_writes = self.reference.size(output) > io.DEFAULT_BUFFER_SIZE
-        fraction = self.rng.choice([0.0, self.rng.uniform(0, 1)]) if several_writes else 0.0
+        """Stop the job at a random point of its final write (`final_write_points`), stepping it there."""
+        outputs = [o.path for o in self.job.outputs]
+        point, index, fraction = self.rng.choice(final_write_points(len(outputs)))
+        if point == "temporary" and self.reference.size(outputs[index]) > io.DEFAULT_BUFFER_SIZE:
+            fraction = self.rng.choice([0.0, self.rng.uniform(0, 1)])
+        output = outputs[index]
         pattern, threshold = temporary_name_pattern(output), fraction * self.reference.size(output)
-        kill.note = f"aimed at {output}'s temporary file " + (f"at {threshold:.0f} bytes" if fraction else "created")
+        kill.note = (
+            f"aimed at {output} in place, before {outputs[index + 1]}"
+            if point == "between"
+            else f"aimed at {output}'s temporary file " + (f"at {threshold:.0f} bytes" if fraction else "created")
+        )
         near_end = max(self.reference.records - MAX_LINE_STEP, 0)
         if not self.wait_for(run, lambda: run.records() >= near_end and self.journal_opened(run)):
             return False
         run.snapshot(force=True)  # now, not in the window: reading /proc takes milliseconds
 
-        def in_window() -> bool:
-            temporaries = [p for p in self.run_dir.iterdir() if pattern.fullmatch(p.name)]
-            if any(_modified_since(p, run.started_ns) and _size(p) >= threshold for p in temporaries):
-                return True
-            return _modified_since(self.run_dir / output, run.started_ns)
+        def reached() -> bool:
+            if point == "temporary":
+                temporaries = [p for p in self.run_dir.iterdir() if pattern.fullmatch(p.name)]
+                if any(_modified_since(p, run.started_ns) and _size(p) >= threshold for p in temporaries):
+                    return True
+            return _modified_since(self.run_dir / output, run.started_ns)  # in place (or the window passed)
 
-        return self.step_until(run, in_window)
+        return self.step_until(run, reached, fine=lambda: run.records() >= self.reference.records)
 
     def journal_opened(self, run: JobProcess) -> bool:
         """The process has opened its journal (it touched a file beside it): its start-up is over."""
