@@ -13,7 +13,7 @@ times, restarting it after each kill, then lets it finish. A kill is one of
   or between one output in place and the next. Those windows last milliseconds, so near the end
   of the job the driver runs it in steps (SIGCONT ... SIGSTOP; 0.5 ms, then 0.1 ms once the journal
   is complete) and looks at the files while it is stopped: the kill lands where the driver saw it;
-- `worker`: a random live worker process, once the journal has grown (jobs with workers).
+- `worker`: a random live worker process, after 0-3 new journal lines (jobs with workers).
 
 Where each kill landed is read from the files, not assumed: journal lines before and after, which
 temporary file it left. A round passes when its outputs equal the reference's (`Output.compare`),
@@ -178,10 +178,10 @@ def run_chaos(
     return report
 
 
-def final_write_points(outputs: int) -> list[tuple[str, int, float]]:
-    """Where a final-write kill may aim: each output's temporary file (its creation; the fraction of
-    its bytes is drawn later), and each point between one output in place and the next."""
-    return [("temporary", i, 0.0) for i in range(outputs)] + [("between", i, 0.0) for i in range(outputs - 1)]
+def final_write_points(outputs: int) -> list[tuple[str, int]]:
+    """Where a final-write kill may aim: each output's temporary file, and each moment between one
+    output in place and the next."""
+    return [("temporary", i) for i in range(outputs)] + [("between", i) for i in range(outputs - 1)]
 
 
 def plan_rounds(rng: random.Random, modes: Sequence[str], kills: int, per_round: int) -> list[list[str]]:
@@ -421,7 +421,8 @@ class ChaosRound:
     def wait_for_final_write(self, run: JobProcess, kill: Kill) -> bool:
         """Stop the job at a random point of its final write (`final_write_points`), stepping it there."""
         outputs = [o.path for o in self.job.outputs]
-        point, index, fraction = self.rng.choice(final_write_points(len(outputs)))
+        point, index = self.rng.choice(final_write_points(len(outputs)))
+        fraction = 0.0  # of the output's bytes: 0 is the temporary file's creation
         if point == "temporary" and self.reference.size(outputs[index]) > io.DEFAULT_BUFFER_SIZE:
             fraction = self.rng.choice([0.0, self.rng.uniform(0, 1)])
         output = outputs[index]
