@@ -9,15 +9,19 @@ result without a word.
 Everything the project writes (embeddings, checkpoints, beam data, the RL data and its metadata,
 metrics) goes through `atomic_output`: the content is written to a temporary file in the target's
 own directory and renamed over the target only when complete, so a crash never leaves a
-half-written file for a user or DVC to trust.
+half-written file for a user or DVC to trust. A `kill -9` during the write leaves the temporary file
+(`.<name>.<random>.tmp`); the next write of the same target removes it (`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
+import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +31,8 @@ from typing import Any
 import torch
 
 from lever_lm.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def is_json_number(value: object) -> bool:
@@ -88,15 +94,61 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed.
+
+    The temporary file is locked (`flock`) while it is written, so that a later write can tell a
+    leftover of a killed writer from a file another live process is writing (see below).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
+        with contextlib.suppress(OSError):  # a file system without locks: the file is only unprotected
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary readable files
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        os.close(fd)  # after the unlink: the name is never seen unlocked while it is ours
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files that killed writes of `path` left beside it; return them.
+
+    Only names `atomic_output(path)` makes (`temporary_name_pattern`; not those of other targets) and
+    only unlocked ones: a live writer holds its file's lock until the rename, a killed one lost it
+    with its process.
+    """
+    path = Path(path)
+    pattern = temporary_name_pattern(path)
+    candidates, removed = [], []
+    with contextlib.suppress(FileNotFoundError), os.scandir(path.parent) as entries:
+        candidates = [Path(e.path) for e in entries if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+    for candidate in candidates:
+        if _unlink_if_unlocked(candidate):
+            log.info("removed %s, left by a write of %s that was killed", candidate.name, path)
+            removed.append(candidate)
+    return removed
+
+
+def temporary_name_pattern(path: str | Path) -> re.Pattern:
+    """The names of `atomic_output(path)`'s temporary files: `.<name>.` + mkstemp's 8 random characters + `.tmp`."""
+    return re.compile(re.escape(f".{Path(path).name}.") + r"[a-z0-9_]{8}\.tmp")
+
+
+def _unlink_if_unlocked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # gone meanwhile, or not ours to read
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink()
+    except OSError:  # locked by its live writer (or gone meanwhile)
+        return False
+    finally:
+        os.close(fd)
+    return True

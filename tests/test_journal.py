@@ -96,6 +96,23 @@ def test_torn_last_line_is_truncated(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
+    "kept_lines, journaled", [(2, [None, 1, 2]), (1, [None, 2]), (0, [None, 2])]
+)  # lines that reached the disk: the header and a record, the header, nothing
+def test_a_journal_ending_in_nul_bytes_after_a_power_loss_is_truncated(tmp_path: Path, kept_lines, journaled):
+    with Journal.open(tmp_path, SPEC) as journal:
+        journal.append(1, entry(1))
+        journal.append(2, entry(2))
+        path = journal.path
+    durable = b"".join(path.read_bytes().splitlines(keepends=True)[:kept_lines])
+    path.write_bytes(durable + b"\0" * (4096 - len(durable) % 4096))  # the last write's pages never reached the disk
+    with Journal.open(tmp_path, SPEC) as journal:
+        assert journal.done() == ({1} if kept_lines == 2 else set())
+        journal.append(2, entry(2))
+    assert path.read_bytes().startswith(durable) and b"\0" not in path.read_bytes()
+    assert [r.get("query_idx") for r in lines(path)] == journaled
+
+
+@pytest.mark.parametrize(
     "edit, problem",
     [
         (lambda line: b"garbage\n", "line 2 is corrupt"),
