@@ -476,6 +476,18 @@ def test_requests_are_checked_before_reading(tmp_path, split):
                                       dataset=paths, num_shards=2, shard_id=2))  # fmt: skip
 
 
+def test_an_output_name_too_long_for_the_file_system_stops_before_anything_is_read(tmp_path, split, capsys):
+    output = tmp_path / ("x" * 235 + ".json")
+    argv = [*_flags(split), "--sampler_cache", str(tmp_path / "absent.json"), "--output_path", str(output),
+            "--device", "cpu"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "(240 characters) is too long for this file system" in err, "checked before the missing sampler cache"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_fingerprint_holds_what_shapes_likelihoods_and_not_decoding(split, demo_dir, pools_file):
     paths = DatasetPaths(split.questions_path, split.annotations_path, split.image_root)
     model = str(demo_dir / "models" / "qwen2.5-vl-tiny")

@@ -17,6 +17,9 @@ foreign sidecar is an `InputError` naming the field, not a silent default:
 
 `settings` stays the exact dict the fingerprint hashes; `RunSettings` is its typed view (the
 proposal settings, the pool layout, the eval mode, ...).
+
+The beam data job writes its sidecar through `write_meta` too, as a dict with the same top-level
+keys (its own settings and counts; `lever_lm.infoscore.generate.beam_meta`); nothing reads that one back.
 """
 
 from __future__ import annotations
