@@ -28,7 +28,12 @@ each cost: a bare `stat` of every image file (for the digests) and a bare `json.
 files (for the annotations).
 """
 
+# ruff: noqa: E402 -- the process settings are applied before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import json

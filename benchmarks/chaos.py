@@ -19,7 +19,12 @@ Inputs: the demo as `dvc repro` leaves it under --demo (data/demo), the smallest
 2 when the inputs are missing.
 """
 
+# ruff: noqa: E402 -- the process settings are applied before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import contextlib
