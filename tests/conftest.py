@@ -53,6 +53,11 @@ class RLInputs:
         return self.demo / "vqa"
 
     @property
+    def sampler_cache(self) -> Path:
+        """The pools the beam data was searched over."""
+        return self.beam_data.with_name("pools.json")
+
+    @property
     def vlm(self) -> Path:
         return self.demo / "models" / "qwen2.5-vl-tiny"
 

@@ -1,7 +1,9 @@
-"""Chaos: the RL generator killed with SIGKILL at random moments (start-up, scoring, a power loss's NUL
-tail, the final write, a Ray worker) writes an uninterrupted run's bytes and leaves nothing behind.
+"""Chaos: the RL generator and the beam data stage killed with SIGKILL at random moments (start-up,
+scoring, a power loss's NUL tail, the final write, a Ray worker) write an uninterrupted run's bytes
+and leave nothing behind.
 
-The short version of `benchmarks/chaos.py`: a few kills per engine on the demo's smallest settings.
+The short version of `benchmarks/chaos.py`: a few kills per engine and for the beam data stage, on
+the demo's smallest settings.
 The driver itself is checked first, on a toy resumable job, to catch what it must catch.
 """
 
@@ -17,6 +19,8 @@ import pytest
 from lever_lm.chaos import (
     Job,
     Output,
+    beam_data_flags,
+    beam_data_job,
     generator_flags,
     generator_job,
     json_except,
@@ -156,4 +160,13 @@ def test_the_ray_engine_killed_at_random_writes_the_uninterrupted_bytes(rl_input
         job = generator_job("ray", _flags(rl_inputs), engine="ray", ray_address=address)
         report = run_chaos([job], kills=3, seed=0, workdir=tmp_path, say=lines.append, modes=modes)
     _check(report, lines, set(modes))
+    print("\n".join(lines))
+
+
+def test_the_beam_data_stage_killed_at_random_writes_the_uninterrupted_bytes(rl_inputs, tmp_path):
+    lines = []
+    vlm = rl_inputs.demo / "models" / "qwen2.5-vl-tiny"
+    job = beam_data_job("beam_data", beam_data_flags(rl_inputs.sampler_cache, vlm, rl_inputs.vqa))
+    report = run_chaos([job], kills=4, seed=0, workdir=tmp_path, say=lines.append)
+    _check(report, lines, set(MODES))
     print("\n".join(lines))

@@ -5,6 +5,8 @@ from lever_lm.chaos.driver import ChaosError, ChaosReport, Kill, Round, plan_rou
 from lever_lm.chaos.jobs import (
     Job,
     Output,
+    beam_data_flags,
+    beam_data_job,
     demo_generator_flags,
     generator_flags,
     generator_job,
@@ -19,6 +21,8 @@ __all__ = [
     "Kill",
     "Output",
     "Round",
+    "beam_data_flags",
+    "beam_data_job",
     "demo_generator_flags",
     "generator_flags",
     "generator_job",

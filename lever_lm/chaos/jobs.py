@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GENERATOR = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data"]
+BEAM_DATA = [sys.executable, "-m", "lever_lm.infoscore.cli"]
 # The demo's smallest proposal set (2 beams, 1 sample at T=1.0, 1 random: 4 candidates a query), on the CPU.
 SMALLEST = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "--num_random", "1"]
 RAY_WORKERS = 2
@@ -37,6 +38,7 @@ print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()  # until the chaos run closes our stdin
 ray.shutdown()
 """
+_ONE_THREAD_OFFLINE = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # A cluster started here, for jobs on this machine: no token between its drivers and it.
 _LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 
@@ -100,7 +102,7 @@ def generator_job(name: str, flags: Sequence[str], engine: str = "local", ray_ad
     if ray_address:
         extra += ["--ray_address", ray_address]
     engine_flags = extra if engine == "ray" else []
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = _ONE_THREAD_OFFLINE
     return Job(
         name=name,
         command=lambda run_dir: [*GENERATOR, *flags, *engine_flags, "--output_path", str(run_dir / output)],
@@ -108,6 +110,19 @@ def generator_job(name: str, flags: Sequence[str], engine: str = "local", ray_ad
         outputs=(Output(output), Output(f"{output}.meta.json", json_except(*GENERATOR_RUN_RECORD))),
         env={**env, **_LOCAL_RAY_ENV} if engine == "ray" and ray_address else env,
         workers=ray_workers if engine == "ray" else None,
+    )
+
+
+def beam_data_job(name: str, flags: Sequence[str]) -> Job:
+    """The InfoScore beam data stage (`lever_lm.infoscore.cli`) with `flags`, writing `beam.json`, on the local
+    engine with one torch thread. Its sidecar records the process as the generator's does."""
+    output = "beam.json"
+    return Job(
+        name=name,
+        command=lambda run_dir: [*BEAM_DATA, *flags, "--output_path", str(run_dir / output)],
+        journal=f"{output}.journal/*/shard-0-of-1.jsonl",
+        outputs=(Output(output), Output(f"{output}.meta.json", json_except(*GENERATOR_RUN_RECORD))),
+        env=_ONE_THREAD_OFFLINE,
     )
 
 
@@ -173,3 +188,18 @@ def demo_generator_flags(demo: Path, beam_data: Path, limit: int | None = None) 
         demo / "vqa",
         limit,
     )
+
+
+def beam_data_flags(
+    sampler_cache: Path, vqa_model_path: Path, vqa_root: Path, beam_size: int = 2, limit: int | None = None
+) -> list[str]:
+    """The beam data stage's flags for these pools and VQA model, a data set in the demo's layout under
+    `vqa_root`, a narrow beam (`beam_size`), the CPU, no progress bar."""
+    flags = [
+        "--sampler_cache", str(sampler_cache), "--vqa_model_path", str(vqa_model_path),
+        "--train_ques_path", str(vqa_root / "OpenEnded_mscoco_train2014_questions.json"),
+        "--train_ann_path", str(vqa_root / "mscoco_train2014_annotations.json"),
+        "--train_image_root", str(vqa_root / "mscoco2014" / "train2014"),
+        "--beam_size", str(beam_size), "--device", "cpu", "--no_progress",
+    ]  # fmt: skip
+    return flags + (["--limit", str(limit)] if limit else [])
