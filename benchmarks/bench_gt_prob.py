@@ -17,7 +17,12 @@ share the machine, while the wall-clock time then swings by 2x between rounds. T
 ways must be identical: scoring replies never changes an answer.
 """
 
+# ruff: noqa: E402 -- the process settings are applied before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import math

@@ -15,7 +15,12 @@ is exercised as in a real run. Three timings, same process, same data:
 All three must give the same scores.
 """
 
+# ruff: noqa: E402 -- the process settings are applied before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import platform

@@ -14,11 +14,12 @@ The best of `--repeats` runs counts.
 
 from __future__ import annotations
 
-import os
+from lever_lm.process import apply_process_settings
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP runtime (see bench_proposals)
+apply_process_settings()  # before torch is imported (lever_lm.process)
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402

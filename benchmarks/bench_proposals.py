@@ -22,11 +22,12 @@ OMP_WAIT_POLICY=PASSIVE; set OMP_WAIT_POLICY=ACTIVE to compare.
 
 from __future__ import annotations
 
-import os
+from lever_lm.process import apply_process_settings
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP runtime
+apply_process_settings()  # before torch is imported (lever_lm.process)
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402

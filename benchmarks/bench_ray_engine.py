@@ -17,7 +17,12 @@ than 2x; no engine can scale past it). The local engine (this process, one threa
 (end to end only: it has no separate scoring phase). Every run must write the same bytes.
 """
 
+# ruff: noqa: E402 -- the process settings are applied before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import os
@@ -34,11 +39,11 @@ import torch
 from lever_lm.data.beam_data import load_beam_data, save_beam_data
 from lever_lm.data.embeddings import save_embeddings
 from lever_lm.data.vqa import VQADataset
-from lever_lm.demo.beam_data import build_demo_beam_data
 from lever_lm.demo.build import build_demo
 from lever_lm.embeddings.export import export_embeddings
 from lever_lm.models.v2.checkpoint import save_pointer_checkpoint
 from lever_lm.models.v2.train_sft import train_pointer_sft
+from lever_lm.models.v3.samplers import draw_queries, sample_pools
 from lever_lm.rl.cli import build_parser, request_from_args
 from lever_lm.rl.generate import run_generation
 
@@ -55,7 +60,7 @@ def build_inputs(demo: Path, out: Path, queries: int) -> list[str]:
     dataset = VQADataset.load(*paths.values())
     embeddings = export_embeddings(dataset, demo / "models" / "clip-tiny", batch_size=64, progress=False)
     save_embeddings(embeddings, out / "embeddings.pt")
-    save_beam_data(build_demo_beam_data(dataset, embeddings, num_queries=queries), out / "beam.json")
+    save_beam_data(random_beam_data(dataset.image_ids, queries), out / "beam.json")
     beam = load_beam_data(out / "beam.json", len(dataset))
     model = train_pointer_sft(
         beam, embeddings, hidden_dim=32, num_layers=1, use_gate=True, epochs=5, lr=3e-3, batch_size=32, seed=0
@@ -71,6 +76,14 @@ def build_inputs(demo: Path, out: Path, queries: int) -> list[str]:
         "--device=cpu",
         "--no_progress",
     ]
+
+
+def random_beam_data(image_ids: list[int], num_queries: int, seed: int = 0) -> dict:
+    """Beam data with one sequence per query, two rows of its random pool: the generator reads only the
+    queries and the shot number (these benchmarks time scoring; InfoScore beam data would take minutes)."""
+    queries = draw_queries(len(image_ids), num_queries, seed)
+    pools = sample_pools("rand", queries, image_ids, pool_size=2, seed=seed)
+    return {str(q): {"id_list": [[*pools[q], q]], "score_list": [0.0]} for q in queries}
 
 
 CEILING_PROBE = """
@@ -101,7 +114,7 @@ def generate(flags: list[str], output: Path, block: int) -> tuple[float | None, 
     """One run from an empty journal: (scoring seconds (Ray only), end-to-end seconds, candidates, output)."""
     args = build_parser().parse_args([*flags, f"--output_path={output}", f"--proposal_block={block}"])
     started = time.perf_counter()
-    summary = run_generation(request_from_args(args), block_size=block)
+    summary = run_generation(request_from_args(args))
     seconds = time.perf_counter() - started
     scoring = summary.engine["scoring_seconds"] if summary.engine else None
     return scoring, seconds, summary.candidates_processed, output.read_bytes()

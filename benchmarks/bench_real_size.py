@@ -25,10 +25,9 @@ bf16 near-ties may flip).
 
 from __future__ import annotations
 
-import os
+from lever_lm.process import apply_process_settings
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA initialises
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+apply_process_settings()  # before torch is imported (lever_lm.process)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

@@ -20,7 +20,12 @@ turns for `--repeats` rounds and each way's fastest round counts (the machine is
 minimum is the least disturbed measurement). The answers of all three must be identical.
 """
 
+# ruff: noqa: E402 -- the process settings are applied before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import json

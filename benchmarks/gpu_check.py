@@ -19,12 +19,13 @@ what finished):
 
 from __future__ import annotations
 
-import os
+from lever_lm.process import apply_process_settings
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+apply_process_settings()  # before torch is imported (lever_lm.process)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -59,12 +60,12 @@ def step_bench(args) -> None:
 def step_prepare(args) -> None:
     work, out = args.work, args.out
     import torch
+    from bench_ray_engine import random_beam_data  # benchmarks/ is on the path when run as a script
 
     from lever_lm.data.beam_data import save_beam_data
     from lever_lm.data.embeddings import save_embeddings
     from lever_lm.data.vqa import VQADataset
     from lever_lm.demo import real_size
-    from lever_lm.demo.beam_data import build_demo_beam_data
     from lever_lm.models.v2.checkpoint import save_pointer_checkpoint
     from lever_lm.models.v2.pointer_selector import PointerSelectorV2
 
@@ -74,7 +75,7 @@ def step_prepare(args) -> None:
     seeded = torch.Generator().manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(args.items, EMBEDDING_DIM, generator=seeded), dim=-1)
     save_embeddings(embeddings, work / "emb.pt")
-    save_beam_data(build_demo_beam_data(dataset, embeddings, num_queries=args.queries), work / "beam.json")
+    save_beam_data(random_beam_data(dataset.image_ids, args.queries), work / "beam.json")
     torch.manual_seed(0)
     pointer = PointerSelectorV2(EMBEDDING_DIM, hidden_dim=256, num_layers=1, use_gate=True)
     save_pointer_checkpoint(pointer, work / "sft.ckpt")

@@ -12,6 +12,9 @@ if [ -n "${QUICK:-}" ]; then
     $PY benchmarks/bench_vqa_scoring.py --queries 8 --repeats 1
     $PY benchmarks/bench_gt_prob.py --queries 8 --repeats 3
     $PY benchmarks/bench_ray_engine.py --queries 64 --repeats 1
+    $PY benchmarks/bench_infoscore.py --queries 2 --pool 16 --repeats 1
+    $PY benchmarks/bench_entry_points.py --queries 16 --repeats 1  # needs data/demo (dvc repro generate_rl_data)
+    $PY benchmarks/bench_startup.py --quick --warm_runs 1
 else
     $PY benchmarks/bench_metric.py
     $PY benchmarks/bench_proposals.py
@@ -19,4 +22,7 @@ else
     $PY benchmarks/bench_vqa_scoring.py
     $PY benchmarks/bench_gt_prob.py
     $PY benchmarks/bench_ray_engine.py
+    $PY benchmarks/bench_infoscore.py
+    $PY benchmarks/bench_entry_points.py
+    $PY benchmarks/bench_startup.py   # builds a VQAv2-size set in a temporary directory (about 2.5 GB, a few minutes)
 fi

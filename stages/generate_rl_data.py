@@ -1,35 +1,22 @@
-"""DVC stage: RL data generation with the settings of params.yaml (see lever_lm.rl.cli).
+"""DVC stage: RL data generation with the settings of params.yaml (see lever_lm.rl.params and lever_lm.rl.cli).
 
-Every top-level key of params.yaml that names a flag of the generator's parser becomes that
-flag (a list becomes several values; a switch is given when the key has the value it sets --
-`gt_prob: false` gives `--no_gt_prob`; an empty string or null is left out). Extra
-command-line arguments are passed through (e.g. --limit 8).
+Every top-level key of params.yaml that names an option of the generator becomes that option
+(`null`: the generator's default); each value's type is checked, and dvc.yaml must track every
+such key. Extra command-line arguments are passed through (e.g. --limit 8).
 """
 
-import argparse
-import sys
+from lever_lm.process import apply_process_settings
 
-import yaml
+apply_process_settings()  # before anything imports torch
 
-from lever_lm.rl.cli import build_parser, main
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-
-def argv_from_params(params: dict, parser: argparse.ArgumentParser | None = None) -> list[str]:
-    argv = []
-    for action in (parser or build_parser())._actions:
-        if not action.option_strings or action.dest not in params:
-            continue
-        value, flag = params[action.dest], action.option_strings[0]
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if value is action.const and value is not action.default:
-                argv.append(flag)
-            continue
-        if value is None or value == "" or value is False:
-            continue
-        argv += [flag, *map(str, value if isinstance(value, list) else [value])]
-    return argv
-
+from lever_lm.errors import exit_on_input_error  # noqa: E402
+from lever_lm.rl.cli import build_parser, main  # noqa: E402
+from lever_lm.rl.params import stage_argv  # noqa: E402
 
 if __name__ == "__main__":
-    with open("params.yaml", encoding="utf-8") as handle:
-        main(argv_from_params(yaml.safe_load(handle)) + sys.argv[1:])
+    with exit_on_input_error():
+        argv = stage_argv(Path("params.yaml"), Path("dvc.yaml"), build_parser())
+    main(argv + sys.argv[1:])

@@ -11,10 +11,10 @@ import pytest
 from lever_lm.models.v3 import generate_rl_data
 from lever_lm.models.v3.proposals import Candidate, QueryProposals
 from lever_lm.rl.blocks import BlockScorer
+from lever_lm.rl.checks import load_rl_data
 from lever_lm.rl.cli import request_from_args
 from lever_lm.rl.generate import run_generation
 from lever_lm.rl.inputs import load_inputs
-from lever_lm.rl.validate import load_rl_data
 from lever_lm.vqa.backends.base import Generation
 
 SMALL = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "--num_random", "1", "--device", "cpu"]

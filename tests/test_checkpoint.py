@@ -221,3 +221,157 @@ def test_files_that_are_not_checkpoints(tmp_path, content, message):
     with pytest.raises(InputError, match=message) as error:
         load_pointer_checkpoint(path)
     assert error.value.path == str(path)
+
+
+# -- a checkpoint is data: loading one changes nothing outside what it returns --------------------
+
+
+def _with_pickle_prefix(clean: Path, out: Path, prefix: bytes) -> Path:
+    """`clean` with `prefix` (opcodes that leave the stack as they found it) run before its own pickle."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(clean) as source, zipfile.ZipFile(buffer, "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            target.writestr(info, prefix + data[2:] if info.filename.endswith("/data.pkl") else data)
+    out.write_bytes(buffer.getvalue())
+    return out
+
+
+def _negating_defaults_prefix() -> bytes:
+    """GLOBAL torch._utils._rebuild_tensor_v2, (None, {'__defaults__': ({'neg': True},)}), BUILD, POP:
+    would make every later torch.load in the process return negated tensors."""
+    import pickle
+
+    state = pickle.dumps((None, {"__defaults__": ({"neg": True},)}), 2)[2:-1]
+    return b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n" + state + b"b0"
+
+
+# GLOBAL collections.Counter, (None, {'values': set}), BUILD, POP: would zero every token F1.
+COUNTER_VALUES_PREFIX = b"\x80\x02ccollections\nCounter\nN}X\x06\x00\x00\x00valuescbuiltins\nset\ns\x86b0"
+
+
+@pytest.mark.parametrize("attack", ["rebuild_defaults", "counter_values"])
+def test_a_crafted_checkpoint_cannot_change_process_wide_state(tmp_path, attack):
+    import torch._utils
+
+    model = _model(24, 16, 1, True)
+    state = {POINTER_PREFIX + k: v for k, v in model.state_dict().items()}
+    if attack == "rebuild_defaults":  # negated on disk: the crafted defaults would flip them back on load
+        state = {k: -v for k, v in state.items()}
+    clean = tmp_path / "clean.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {}}, clean)
+    prefix = _negating_defaults_prefix() if attack == "rebuild_defaults" else COUNTER_VALUES_PREFIX
+    evil = _with_pickle_prefix(clean, tmp_path / "evil.ckpt", prefix)
+    defaults = torch._utils._rebuild_tensor_v2.__defaults__
+    counter = dict(collections.Counter.__dict__)
+
+    try:
+        with pytest.raises(InputError, match="BUILD on .* is not allowed in a checkpoint"):
+            load_pointer_checkpoint(evil)
+        assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults
+        assert dict(collections.Counter.__dict__) == counter
+        assert sum(collections.Counter("aab").values()) == 3
+    finally:  # a failure here must not poison the rest of the session
+        torch._utils._rebuild_tensor_v2.__defaults__ = defaults
+        for name in set(collections.Counter.__dict__) - set(counter):
+            delattr(collections.Counter, name)
+    reread = torch.load(clean, weights_only=True)["state_dict"]
+    assert all(torch.equal(reread[k], v) for k, v in state.items()), "a later torch.load must return the true tensors"
+
+
+@pytest.mark.parametrize(
+    "payload, refused",
+    [
+        (b"\x80\x02X\x03\x00\x00\x00abc)R0", "REDUCE"),  # a call of anything but the allowlist or a stand-in
+        (b"\x80\x02cbuiltins\nprint\n)R0", None),  # an unknown global is a stand-in: calling it records only
+        (b"\x80\x02ccollections\nOrderedDict\n)\x810", None),  # NEWOBJ of an allowlisted class
+        (b"\x80\x02X\x03\x00\x00\x00abc)\x810", "NEWOBJ"),  # NEWOBJ of something that is not a class of the list
+        (b"\x80\x02ccollections\nCounter\nN\x8c\x01xK\x01s0", "SETITEM"),  # item set on a class
+        (b"\x80\x02ccollections\nOrderedDict\n(K\x01ee0", "APPENDS"),  # appended to a class
+    ],
+)
+def test_every_opcode_that_acts_on_an_object_is_checked(tmp_path, payload, refused):
+    model = _model(24, 16, 1, False)
+    clean = tmp_path / "clean.ckpt"
+    state = {POINTER_PREFIX + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"cfg": NotImportableHere(1)}}, clean)  # fallback path
+    evil = _with_pickle_prefix(clean, tmp_path / "evil.ckpt", payload)
+    if refused is None:
+        _same_weights(model, load_pointer_checkpoint(evil))
+    else:
+        with pytest.raises(InputError, match=f"{refused} .* not allowed in a checkpoint"):
+            load_pointer_checkpoint(evil)
+
+
+# -- Lever-Plus's RL checkpoints (grpo_post_train's `.pt`) ---------------------------------------
+
+
+def _rl_checkpoint(model: PointerSelectorV2, path: Path, **changes) -> Path:
+    """The layout `grpo_post_train.save_checkpoint` writes: a PointerSelectorV3's state dict (bare
+    names, the same weights as V2) with the epoch, phase, KL weight and metrics beside it."""
+    import numpy as np
+
+    checkpoint = {
+        "epoch": 2,
+        "phase": "grpo",
+        "model_state_dict": dict(model.state_dict()),
+        "kl_beta": 0.0873,
+        "metrics": {"grpo_loss": 0.41, "val_loss": 1.27, "kl": np.float64(0.02)},  # a numpy scalar: the fallback
+    }
+    checkpoint.update(changes)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("d, h, layers, gate", [(24, 16, 3, True), (24, 16, 1, True)])
+def test_a_lever_plus_rl_checkpoint_loads_as_the_sft_pointer(tmp_path, d, h, layers, gate):
+    model = _model(d, h, layers, gate, seed=3)
+    path = _rl_checkpoint(model, tmp_path / "grpo_epoch3.pt")
+    loaded = load_pointer_checkpoint(path)
+    assert (loaded.input_dim, loaded.hidden_dim, loaded.num_layers, loaded.use_gate) == (d, h, layers, gate)
+    _same_weights(model, loaded)
+    _same_step_scores(model, loaded, d)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("query_proj.weight"), "missing pointer keys: query_proj.weight"),
+        (lambda s: s.update({"cand_proj.weight": torch.ones(16, 8)}), r"shapes that disagree: cand_proj.weight"),
+        (lambda s: s.update({"cross_attn_layers.2.in_proj_bias": torch.ones(48)}), "missing pointer keys"),
+    ],
+)
+def test_a_damaged_rl_checkpoint_is_refused_by_the_same_checks(tmp_path, edit, message):
+    state = dict(_model(24, 16, 2, True).state_dict())
+    edit(state)
+    path = tmp_path / "grpo.pt"
+    torch.save({"epoch": 0, "phase": "rce", "model_state_dict": state, "kl_beta": 0.1, "metrics": {}}, path)
+    with pytest.raises(InputError, match=message):
+        load_pointer_checkpoint(path)
+
+
+def test_an_rl_checkpoint_without_weights_names_its_key(tmp_path):
+    path = tmp_path / "grpo.pt"
+    torch.save({"epoch": 0, "phase": "grpo", "model_state_dict": {}, "kl_beta": 0.1, "metrics": {}}, path)
+    with pytest.raises(InputError, match="no 'model_state_dict'"):
+        load_pointer_checkpoint(path)
+
+
+class AttributeDict(dict):  # like Lightning's hparams container: a dict subclass, filled by SETITEMS
+    pass
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_hyper_parameters_of_many_kinds_load_as_data(tmp_path, monkeypatch, protocol):
+    import argparse
+
+    model = _model(24, 16, 1, True)
+    hparams = AttributeDict(lr=0.1, dirs={1, 2}, path=Path("/data/okvqa"), cfg=argparse.Namespace(shot=2, ks=[1, 2]))
+    path = tmp_path / "hp.ckpt"
+    state = {POINTER_PREFIX + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path, pickle_protocol=protocol)
+    monkeypatch.delattr(sys.modules[__name__], "AttributeDict")
+    _same_weights(model, load_pointer_checkpoint(path))

@@ -5,6 +5,7 @@ Settings are shrunk (8 queries, 2 beams, ...) so the whole module takes about a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,7 +27,8 @@ SMALL_PARAMS = {
     "temps": [1.0],
     "num_samples_per_temp": 1,
     "num_random": 1,
-    "demo": {"beam_queries": 8, "candidate_num": 16},
+    "sample_pools": {"num_queries": 8, "pool_size": 16},
+    "pool_size": 16,  # the generator's per-query pools are the sampler cache's
     "demo_clip": {"steps": 30},
     "sft": {"epochs": 5},
     "evaluate": {"num_random": 1, "num_queries": 12},
@@ -120,9 +122,12 @@ def test_exp_run_with_other_temperatures(repo: Path):
 def test_exp_run_with_per_query_pools(repo: Path):
     dvc(repo, "exp", "run", "-S", "pool=per_query")
     data = json.loads((repo / "data/rl/rl_data.json").read_text())
-    cache = json.loads((repo / "data/demo/sampler_cache.json").read_text())
+    cache = json.loads((repo / "data/pools/sampler_cache.json").read_text())
+    beam = json.loads((repo / "data/beam/beam_data.json").read_text())
+    assert list(data) == list(beam) == list(cache), "the beam data's queries are the sampler cache's"
     for key, entry in data.items():
-        assert entry["query"]["candidate_pool_ids"] == cache[key] and len(cache[key]) == 64
+        assert entry["candidate_pool_ids"] == cache[key] and len(cache[key]) == 16
+        assert all(set(ids[:-1]) <= set(cache[key]) for ids in beam[key]["id_list"])
         assert all(c["pointer_global"] == [cache[key][i] for i in c["pointer"]] for c in entry["pointer_candidates"])
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     runs = [run["data"] for commit in shown for exp in (commit.get("experiments") or []) for run in exp.get("revs", [])]
@@ -176,15 +181,25 @@ def test_validation_stage_fails_on_a_corrupted_rl_file(repo: Path):
     path.write_text(json.dumps(data))
     result = dvc(repo, "repro", "--single-item", "validate", check=False)
     assert result.returncode != 0
+    assert "its sha256 is not the one its meta sidecar" in result.stdout + result.stderr
+    meta_path = repo / "data/rl/rl_data.json.meta.json"  # a careful forger updates the sidecar too
+    meta = json.loads(meta_path.read_text())
+    meta["data_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    result = dvc(repo, "repro", "--single-item", "validate", check=False)
+    assert result.returncode != 0
     assert "contains the query itself" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
     "edit, stages",
     [
-        ("configs/generate.yaml", {"generate_rl_data"}),
-        ("data/demo/vqa/mscoco_train2014_annotations.json", {"generate_rl_data", "export_embeddings", "validate"}),
-        ("data/demo/vqa/mscoco2014/train2014", {"generate_rl_data", "export_embeddings"}),
+        ("configs/generate.yaml", {"generate_rl_data", "beam_data"}),
+        (
+            "data/demo/vqa/mscoco_train2014_annotations.json",
+            {"generate_rl_data", "export_embeddings", "validate", "sample_pools", "beam_data"},
+        ),
+        ("data/demo/vqa/mscoco2014/train2014", {"generate_rl_data", "export_embeddings", "sample_pools", "beam_data"}),
     ],
 )
 def test_dvc_sees_every_input_of_the_generator(repo: Path, edit: str, stages: set[str]):
@@ -204,25 +219,26 @@ def test_retraining_the_vqa_model_reruns_the_scoring(repo: Path):
     result = dvc(repo, "exp", "run", "-S", "demo_vlm.steps=31")
     output = result.stdout + result.stderr
     assert "Running stage 'demo_vlm'" in output and "Running stage 'generate_rl_data'" in output
+    assert "Running stage 'beam_data'" in output, "InfoScore is the VQA model's too"
     assert re.search(r"0 of 8 queries already done", output), "the new model's scores must not be reused"
 
 
 def test_user_inputs_are_never_written_by_the_demo_stages(repo: Path):
-    """Pointing params.yaml at one's own beam data and checkpoint: the demo stages keep to data/demo."""
+    """Pointing params.yaml at one's own beam data and checkpoint: the stages keep to their own outputs."""
     mine = repo / "mine"
     mine.mkdir(exist_ok=True)
-    for name, source in (("beam.json", "data/demo/beam_data.json"), ("sft.ckpt", "data/sft/pointer_v2.ckpt")):
+    for name, source in (("beam.json", "data/beam/beam_data.json"), ("sft.ckpt", "data/sft/pointer_v2.ckpt")):
         shutil.copy2(repo / source, mine / name)
     before = {p.name: p.read_bytes() for p in mine.iterdir()}
     params_path = repo / "params.yaml"
     original = params_path.read_text()
     params = yaml.safe_load(original)
     params.update(beam_data="mine/beam.json", sft_ckpt="mine/sft.ckpt")
-    params["demo"] = {**params["demo"], "beam_size": 4}  # the demo beam data is made again
+    params["infoscore"] = {**params["infoscore"], "beam_size": 4}  # the beam data is made again
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         result = dvc(repo, "repro")
-        assert "Running stage 'demo_beam_data'" in result.stdout
+        assert "Running stage 'beam_data'" in result.stdout
         assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
     finally:
         params_path.write_text(original)

@@ -69,3 +69,14 @@ def test_query_and_candidate_files_must_agree():
         with pytest.raises(InputError, match="disagrees with the candidate embeddings c.pt") as error:
             check_embedding_pair(torch.ones(3, 2), cand, "q.pt", "c.pt")
         assert error.value.path == "q.pt"
+
+
+def test_finite_rows_are_found_chunk_by_chunk_and_an_overflowing_sum_is_not_an_error():
+    from lever_lm.data.embeddings import _rows_not_finite
+
+    tensor = torch.zeros(10, 3)
+    assert _rows_not_finite(tensor, chunk_rows=4) == []
+    tensor[5, 1], tensor[9, 0] = float("nan"), float("-inf")
+    assert _rows_not_finite(tensor, chunk_rows=4) == [5, 9]
+    huge = torch.full((4, 2), 3e38)  # every value finite, the sum is not
+    assert not torch.isfinite(huge.sum()) and _rows_not_finite(huge, chunk_rows=3) == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lever_lm import digests
 from lever_lm.errors import InputError
 from lever_lm.vqa.backends import describe_settings
 
@@ -50,18 +48,6 @@ def test_a_model_is_identified_by_its_content_not_its_path_or_file_sizes(demo_di
     save_file(tensors, weights, metadata={"format": "pt"})
     assert weights.stat().st_size == size
     assert describe(moved)["model"] != base
-
-
-def test_digests_are_cached_by_file_identity(tmp_path: Path, monkeypatch):
-    path = tmp_path / "w.bin"
-    path.write_bytes(b"a" * 100)
-    first = digests.file_digest(path)
-    reads = []
-    monkeypatch.setattr(digests, "_hash_file", lambda p: reads.append(p) or "x")
-    assert digests.file_digest(path) == first and not reads  # unchanged: not read again
-    path.write_bytes(b"b" * 100)  # same size, new content and mtime
-    os.utime(path, ns=(1, 1))
-    assert digests.file_digest(path) == "x" and reads == [path.resolve()]
 
 
 def test_vqa_settings_fail_early_like_loading(tmp_path: Path):

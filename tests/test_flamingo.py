@@ -31,7 +31,7 @@ from lever_lm.vqa.flamingo.loading import (
 )
 from lever_lm.vqa.flamingo.model import OpenFlamingo
 from lever_lm.vqa.flamingo.mpt import MPTConfig
-from lever_lm.vqa.prompts import FewShotPrompt, Shot
+from lever_lm.vqa.prompts import FewShotPrompt, Shot, flamingo_text
 
 REFERENCE = Path(__file__).parent / "reference" / "flamingo"
 CASES = json.loads((REFERENCE / "cases.json").read_text())
@@ -168,6 +168,28 @@ def test_reply_likelihoods_equal_a_plain_forward_pass_and_leave_the_answers_alon
     assert 0.0 < total < len(prompts)
 
 
+def test_control_token_text_in_questions_and_answers_stays_text():
+    """`<image>` in a question and `<|endofchunk|>` in an ICD answer or a reply are characters, never
+    markers: the prompt has one <image> per image and one end of chunk per ICD, and it is answered."""
+    backend = load_backend("flamingo_3B", model_path=str(REFERENCE / "model"), device="cpu", batch_size=2)
+    plain = _prompt([0, 1, 2])
+    icd, query = plain.shots[0], plain.query
+    tricky = FewShotPrompt(
+        shots=(Shot(icd.image, "What <image> is <|endofchunk|>red?", "red<|endofchunk|><image>"), plain.shots[1]),
+        query=Shot(query.image, "Is <image><image> a triangle?"),
+    )
+    for prompt in (plain, tricky):
+        prepared = backend._prepare(prompt, ("yes<|endofchunk|>",))
+        ids = backend._encode([prepared])["input_ids"][0].tolist()
+        assert ids.count(backend.media_token_id) == 3 and ids.count(backend.eoc_token_id) == 2
+        assert prepared.reply_tokens[0].count(backend.eoc_token_id) == 1  # only the one that ends the reply
+    escaped = backend._encode([backend._prepare(tricky)])["input_ids"][0].tolist()
+    assert backend.tokenizer.decode(escaped) == flamingo_text(tricky, backend.settings.prompt)
+    results = backend.generate([plain, tricky])
+    assert all(g.error is None for g in results)
+    assert results[0].raw == backend.generate([plain])[0].raw  # ordinary prompts: the same ids as before
+
+
 # -- 2. the real OpenFlamingo-3B layout ------------------------------------------------------------
 
 
@@ -254,8 +276,8 @@ def test_describe_settings_names_the_files_and_follows_their_content(tmp_path):
 def test_the_generator_runs_with_the_demo_openflamingo(rl_inputs, tmp_path):
     from lever_lm.data.beam_data import load_beam_data
     from lever_lm.models.v3 import generate_rl_data
+    from lever_lm.rl.checks import Expectations, load_rl_data, validate_rl_data
     from lever_lm.rl.records import RecordRules
-    from lever_lm.rl.validate import Expectations, load_rl_data, validate_rl_data
 
     output = tmp_path / "rl.json"
     generate_rl_data.main([

@@ -14,11 +14,11 @@ import pytest
 
 from lever_lm.data.beam_data import load_beam_data
 from lever_lm.models.v3 import generate_rl_data
+from lever_lm.rl.checks import Expectations, load_rl_data, validate_rl_data
 from lever_lm.rl.cli import request_from_args
 from lever_lm.rl.generate import run_generation
 from lever_lm.rl.journal import Journal, JournalSpec
 from lever_lm.rl.records import RecordRules
-from lever_lm.rl.validate import Expectations, load_rl_data, validate_rl_data
 from lever_lm.vqa.metric import vqa_accuracy
 
 SMALL = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "--num_random", "1", "--device", "cpu"]
@@ -268,12 +268,14 @@ def run_without_model_main(args: list[str]) -> None:
 
 
 def test_no_temperatures_means_no_sampling(rl_inputs, tmp_path):
-    from stages.generate_rl_data import argv_from_params
+    from lever_lm.rl.params import argv_from_params
 
-    flags = argv_from_params({"temps": [], "num_samples_per_temp": 2, "seed": 3, "unrelated": 1, "gt_prob": True})
-    assert flags == ["--temps", "--num_samples_per_temp", "2", "--seed", "3"]
+    parser = generate_rl_data.build_parser()
+    params = {"temps": [], "num_samples_per_temp": 2, "seed": 3, "unrelated": 1, "gt_prob": True}
+    flags = argv_from_params(params, parser)
+    assert flags == ["--temps", "--num_samples_per_temp=2", "--seed=3"]
     switches = {"gt_prob": False, "exclude_same_image": True}
-    assert argv_from_params(switches) == ["--exclude_same_image", "--no_gt_prob"]
+    assert argv_from_params(switches, parser) == ["--exclude_same_image", "--no_gt_prob"]
     output = tmp_path / "rl.json"
     generate_rl_data.main(argv(rl_inputs, output, "--limit", "2") + flags)
     methods = {c["gen_method"] for e in load_rl_data(output).values() for c in e["pointer_candidates"]}
@@ -338,3 +340,130 @@ def test_a_limit_below_what_is_journaled_writes_the_first_queries(reference, rl_
     run_without_model(argv(rl_inputs, limited, "--limit", "4", *journal))
     full = load_rl_data(reference)
     assert load_rl_data(limited) == {k: full[k] for k in list(full)[:4]}
+
+
+def _interrupt_after(cmd: list[str], journal_root: Path, lines: int, env: dict | None = None) -> None:
+    """Run the generator in a subprocess and Ctrl-C it once its journal holds `lines` lines."""
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        journals = list(journal_root.glob("*/shard-0-of-1.jsonl"))
+        if journals and journals[0].read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130, "the interrupt should land mid-run"
+
+
+def test_a_resume_keeps_the_batch_size_the_journal_pinned(reference, rl_inputs, tmp_path, caplog):
+    """The batch size moves vqa_gt_prob's last bits: a resume with another --batch_size still writes
+    the uninterrupted run's bytes, because the journal's header pins the first run's batch size."""
+    output = tmp_path / "rl.json"
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output)]
+    _interrupt_after(cmd, tmp_path / "rl.json.journal", lines=4)
+    header = json.loads(next((tmp_path / "rl.json.journal").glob("*/shard-0-of-1.jsonl")).read_text().splitlines()[0])
+    assert header["pinned"]["batch_size"] == 16 and header["pinned"]["torch_threads"] >= 1
+    caplog.set_level("WARNING", logger="lever_lm.rl.generate")
+    generate_rl_data.main(argv(rl_inputs, output, "--batch_size", "5"))
+    assert output.read_bytes() == reference.read_bytes()
+    assert "--batch_size 5 is not used" in caplog.text and "batch size 16" in caplog.text
+    meta = json.loads(output.with_name("rl.json.meta.json").read_text())
+    assert meta["run"]["batch_size"] == 16 and meta["run"]["torch_threads"] == header["pinned"]["torch_threads"]
+
+
+def test_a_resume_scores_with_the_thread_count_the_journal_pinned(rl_inputs, tmp_path, monkeypatch):
+    import torch
+
+    import lever_lm.rl.generate as generate
+
+    output = tmp_path / "rl.json"
+    flags = ["--limit", "4", "--proposal_block", "2"]
+    cmd = [sys.executable, "-m", "lever_lm.models.v3.generate_rl_data", *argv(rl_inputs, output, *flags)]
+    _interrupt_after(cmd, tmp_path / "rl.json.journal", lines=2, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen, run_local = [], generate.run_local
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return run_local(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "run_local", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate_rl_data.main(argv(rl_inputs, output, *flags))
+        assert seen == [1], "the resume must score with the first run's thread count"
+        assert torch.get_num_threads() == 2, "and give the process its own back"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("length", [240, 250])
+def test_an_output_name_too_long_for_the_file_system_fails_before_any_work(length, rl_inputs, tmp_path, capsys):
+    output = tmp_path / ("x" * (length - 5) + ".json")
+    with pytest.raises(SystemExit) as exit_info:
+        run_without_model_main(argv(rl_inputs, output))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"the file name ({length} characters) is too long for this file system" in err
+    assert list(tmp_path.iterdir()) == [], "nothing is created"
+
+
+def test_an_accelerator_error_in_the_proposer_stops_with_exit_3(rl_inputs, tmp_path, capsys, monkeypatch):
+    from lever_lm.models.v3.proposals import Proposer
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Proposer, "propose", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        run_without_model_main(argv(rl_inputs, tmp_path / "rl.json"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "error: stopped: the accelerator failed (RuntimeError: CUDA error: an illegal memory access" in err
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("which", ["--beam_data", "--train_ann_path", "--train_ques_path", "--sampler_cache"])
+def test_json_nested_too_deep_in_any_input_is_one_error_line(which, rl_inputs, tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"annotations": ' + DEEP + "}")
+    args = argv(rl_inputs, tmp_path / "rl.json")
+    if which == "--sampler_cache":
+        args += ["--pool", "per_query", "--pool_size", "8", "--sampler_cache", str(deep)]
+    else:
+        args[args.index(which) + 1] = str(deep)
+    with pytest.raises(SystemExit) as exit_info:
+        run_without_model_main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"error: {deep}: not valid JSON: nested deeper than" in err
+
+
+def test_a_lever_plus_rl_checkpoint_is_a_pointer_for_the_next_round(reference, rl_inputs, tmp_path):
+    """The `.pt` that Lever-Plus's grpo_post_train writes (here holding the SFT pointer's weights)
+    makes the same data as the SFT checkpoint it came from."""
+    import torch
+
+    from lever_lm.models.v2.checkpoint import load_pointer_checkpoint
+
+    pointer = load_pointer_checkpoint(rl_inputs.sft_ckpt)
+    rl_checkpoint = tmp_path / "grpo_epoch1.pt"
+    torch.save(
+        {
+            "epoch": 0,
+            "phase": "grpo",
+            "model_state_dict": pointer.state_dict(),
+            "kl_beta": 0.1,
+            "metrics": {"grpo_loss": 0.3, "kl": 0.01},
+        },
+        rl_checkpoint,
+    )
+    output = tmp_path / "rl.json"
+    args = argv(rl_inputs, output, "--limit", "2")
+    args[args.index("--sft_ckpt") + 1] = str(rl_checkpoint)
+    generate_rl_data.main(args)
+    full = load_rl_data(reference)
+    assert load_rl_data(output) == {k: full[k] for k in list(full)[:2]}

@@ -25,16 +25,11 @@ from lever_lm.io import read_json
 from lever_lm.models.v3 import generate_rl_data
 from lever_lm.models.v3.pools import RandomPools
 from lever_lm.models.v3.proposals import ImageGroups
+from lever_lm.rl.checks import expectations_for, load_rl_data, validate_rl_data
 from lever_lm.rl.cli import request_from_args
 from lever_lm.rl.generate import plan_run, run_generation
-from lever_lm.rl.validate import (
-    ValidationOutputs,
-    expectations_for,
-    load_rl_data,
-    run_validation,
-    validate_rl_data,
-    with_pools,
-)
+from lever_lm.rl.meta import read_meta
+from lever_lm.rl.validate import ValidationOutputs, run_validation
 from lever_lm.vqa.backends.base import Generation
 
 SMALL = ["--num_beams", "2", "--temps", "1.0", "--num_samples_per_temp", "1", "--num_random", "1", "--device", "cpu"]
@@ -97,9 +92,10 @@ class EchoBackend:
 
 def run_echo(rl_inputs, output: Path, *extra: str) -> None:
     run_generation(
-        request_from_args(generate_rl_data.build_parser().parse_args(argv(rl_inputs, output, *extra))),
+        request_from_args(
+            generate_rl_data.build_parser().parse_args(argv(rl_inputs, output, *extra, "--proposal_block", "4"))
+        ),
         backend=EchoBackend(),
-        block_size=4,
     )
 
 
@@ -108,7 +104,7 @@ def test_pools_are_the_caches_and_pointers_are_positions_in_them(reference, cach
     queries = load_beam_data(rl_inputs.beam_data, 274).query_ids[:8]
     assert list(data) == [str(q) for q in queries]
     for key, entry in data.items():
-        assert entry["query"]["candidate_pool_ids"] == pools[key]
+        assert entry["candidate_pool_ids"] == pools[key]
         for c in entry["pointer_candidates"]:
             assert all(0 <= i < POOL_SIZE for i in c["pointer"])
             assert c["pointer_global"] == [pools[key][i] for i in c["pointer"]]
@@ -118,8 +114,8 @@ def test_pools_are_the_caches_and_pointers_are_positions_in_them(reference, cach
     # the validation stage: schema, pools recomputed from the cache, metrics
     dataset_paths = request_from_args(generate_rl_data.build_parser().parse_args(argv(rl_inputs, reference))).dataset
     outputs = ValidationOutputs(tmp_path / "metrics.json", tmp_path / "breakdown.json", tmp_path / "plots")
-    metrics = run_validation(reference, rl_inputs.beam_data, dataset_paths, outputs, sampler_cache=cache)
-    assert metrics["queries"] == 8
+    report = run_validation(reference, rl_inputs.beam_data, dataset_paths, outputs, sampler_cache=cache)
+    assert report.metrics["queries"] == 8
     icds = read_json(tmp_path / "breakdown.json")["icds"]
     used = {i for e in data.values() for c in e["pointer_candidates"] for i in c["pointer_global"]}
     assert icds["distinct_icds"] == len(used), "ICDs are counted as global rows"
@@ -177,19 +173,17 @@ def test_rand_and_sim_samplers_end_to_end(rl_inputs, cache, tmp_path):
     dataset = _dataset(rl_inputs)
     expected = RandomPools(8, 274, 42, ImageGroups(dataset.image_ids, 274))
     for key, entry in rand.items():
-        assert entry["query"]["candidate_pool_ids"] == list(expected.pools_of([int(key)])[0])
+        assert entry["candidate_pool_ids"] == list(expected.pools_of([int(key)])[0])
     run_echo(rl_inputs, tmp_path / "sim.json", *common, "--sampler", "sim")
     sim = load_rl_data(tmp_path / "sim.json")
-    assert [e["query"]["candidate_pool_ids"] for e in sim.values()] != [
-        e["query"]["candidate_pool_ids"] for e in rand.values()
-    ]
+    assert [e["candidate_pool_ids"] for e in sim.values()] != [e["candidate_pool_ids"] for e in rand.values()]
     # the validator recomputes rand pools: a hand-edited pool is caught
-    meta = read_json(tmp_path / "rand.json.meta.json")
+    meta = read_meta(tmp_path / "rand.json")
     beam = load_beam_data(rl_inputs.beam_data, 274)
-    expectations = with_pools(expectations_for(dataset, beam.query_ids, 2, meta, None, 1.0), meta, rand, None)
+    expectations = expectations_for(dataset, beam.query_ids, meta, None, 1.0)
     validate_rl_data(tmp_path / "rand.json", rand, expectations)
     key = next(iter(rand))
-    pool = rand[key]["query"]["candidate_pool_ids"]
+    pool = rand[key]["candidate_pool_ids"]
     pool[0], pool[1] = pool[1], pool[0]
     for c in rand[key]["pointer_candidates"]:
         c["pointer_global"] = [pool[i] for i in c["pointer"]]
@@ -200,7 +194,7 @@ def test_rand_and_sim_samplers_end_to_end(rl_inputs, cache, tmp_path):
 def test_the_fingerprint_follows_the_pools_and_nothing_else(rl_inputs, cache, tmp_path):
     def fingerprint(*extra: str) -> str:
         args = generate_rl_data.build_parser().parse_args(argv(rl_inputs, tmp_path / "rl.json", *extra))
-        return plan_run(request_from_args(args), 4).fingerprint
+        return plan_run(request_from_args(args)).fingerprint
 
     plain = fingerprint()
     assert fingerprint("--pool_size", "8", "--sampler", "sim", "--sampler_cache", str(cache)) == plain, (

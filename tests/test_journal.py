@@ -14,10 +14,12 @@ from lever_lm.rl.fingerprints import fingerprint
 from lever_lm.rl.journal import (
     Journal,
     JournalSpec,
+    Pins,
     list_journals,
     main,
     prune_journals,
     read_index,
+    read_pins,
     repair_file,
 )
 from lever_lm.rl.records import RecordRules
@@ -94,6 +96,23 @@ def test_torn_last_line_is_truncated(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
+    "kept_lines, journaled", [(2, [None, 1, 2]), (1, [None, 2]), (0, [None, 2])]
+)  # lines that reached the disk: the header and a record, the header, nothing
+def test_a_journal_ending_in_nul_bytes_after_a_power_loss_is_truncated(tmp_path: Path, kept_lines, journaled):
+    with Journal.open(tmp_path, SPEC) as journal:
+        journal.append(1, entry(1))
+        journal.append(2, entry(2))
+        path = journal.path
+    durable = b"".join(path.read_bytes().splitlines(keepends=True)[:kept_lines])
+    path.write_bytes(durable + b"\0" * (4096 - len(durable) % 4096))  # the last write's pages never reached the disk
+    with Journal.open(tmp_path, SPEC) as journal:
+        assert journal.done() == ({1} if kept_lines == 2 else set())
+        journal.append(2, entry(2))
+    assert path.read_bytes().startswith(durable) and b"\0" not in path.read_bytes()
+    assert [r.get("query_idx") for r in lines(path)] == journaled
+
+
+@pytest.mark.parametrize(
     "edit, problem",
     [
         (lambda line: b"garbage\n", "line 2 is corrupt"),
@@ -115,10 +134,10 @@ def test_a_bad_line_in_the_middle_is_an_error_with_the_way_out(tmp_path: Path, e
         assert journal.done() == {2}  # query 1 is recomputed by the next run
 
 
-def _record_line(record: dict) -> bytes:
+def _record_line(record: dict, spec: JournalSpec = SPEC) -> bytes:
     from lever_lm.rl.journal import record_line
 
-    return (record_line(record) + "\n").encode()
+    return (record_line(record, spec.binding) + "\n").encode()
 
 
 @pytest.mark.parametrize(
@@ -158,8 +177,8 @@ def test_a_journal_of_other_settings_or_another_shard_is_refused(tmp_path: Path)
     with pytest.raises(InputError, match="written with other settings"):
         Journal.open(tmp_path / "mine", SPEC)
     fewer = JournalSpec(SETTINGS, (1, 2), SPEC.rules)
-    with Journal.open(tmp_path / "fewer", fewer):
-        pass
+    with Journal.open(tmp_path / "fewer", fewer) as journal:
+        journal.pin(Pins(batch_size=4))
     with pytest.raises(InputError, match="another shard or query list"):
         Journal.open(tmp_path / "fewer", SPEC)
 
@@ -226,3 +245,120 @@ def test_list_reports_corrupt_journals_and_prune_keeps_the_named_and_the_locked(
         removed = prune_journals(tmp_path, keep={"aaa"})
     assert removed == ["bbb"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aaa", "ccc"]
+
+
+# -- lines are bound to their run and shard -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        JournalSpec({"x": 2}, SPEC.queries, SPEC.rules),  # another run: another model, seed or eval mode
+        JournalSpec(SETTINGS, SPEC.queries, SPEC.rules, shard_id=1, num_shards=2),  # another shard of this run
+    ],
+)
+def test_a_line_copied_from_another_journal_is_refused_and_repair_drops_it(tmp_path: Path, capsys, other):
+    with Journal.open(tmp_path / "other", other) as journal:
+        journal.append(2, entry(2, answer="from another run"))
+        foreign = journal.path.read_bytes().splitlines(keepends=True)[1]
+    with Journal.open(tmp_path / "mine", SPEC) as journal:
+        journal.append(1, entry(1))
+        path = journal.path
+    path.write_bytes(path.read_bytes() + foreign)  # `tail -n +2 other.jsonl >> mine.jsonl`
+    with pytest.raises(InputError, match="line 3 is corrupt .checksum mismatch.*another run's journal") as error:
+        Journal.open(tmp_path / "mine", SPEC)
+    assert error.value.path == str(path)
+    main(["repair", str(path)])
+    assert capsys.readouterr().out.strip() == "dropped 1 bad line(s): 3"
+    with Journal.open(tmp_path / "mine", SPEC) as journal:
+        assert journal.done() == {1}  # query 2 is scored again, by this run
+
+
+def test_a_journal_of_the_older_format_is_refused_with_the_reason(tmp_path: Path, capsys):
+    with Journal.open(tmp_path / "fp", SPEC) as journal:
+        journal.append(1, entry(1))
+        path = journal.path
+    header, *records = path.read_bytes().splitlines(keepends=True)
+    old = {**json.loads(header), "version": 2}
+    old.pop("pinned")
+    path.write_bytes(json.dumps(old, separators=(",", ":")).encode() + b"\n" + b"".join(records))
+    with pytest.raises(InputError, match="format version 2 .an older lever_lm's.*this program reads 3"):
+        Journal.open(tmp_path / "fp", SPEC)
+    assert "format version 2" in list_journals(tmp_path)[0]["shards"]["shard-0-of-1.jsonl"]
+    with pytest.raises(SystemExit) as refused:
+        main(["repair", str(path)])
+    assert refused.value.code == 2 and "delete it" in capsys.readouterr().err
+
+
+# -- the header pins batch size and threads -------------------------------------------------------
+
+
+def test_the_header_is_written_with_the_first_runs_pins_and_kept(tmp_path: Path):
+    with Journal.open(tmp_path, SPEC) as journal:
+        assert journal.pins is None and not journal.path.exists(), "no header before the pins are known"
+        journal.pin(Pins(batch_size=16, torch_threads=2))
+        journal.append(1, entry(1))
+    assert lines(journal.path)[0]["pinned"] == {"batch_size": 16, "torch_threads": 2}
+    with Journal.open(tmp_path, SPEC) as journal:
+        assert journal.pins == Pins(16, 2)
+        journal.pin(Pins(16, 2))  # the same: fine
+        with pytest.raises(InputError, match="written with batch size 16, 2 torch thread.*scores with batch size 5"):
+            journal.pin(Pins(5, 2))
+    assert read_index(journal.path, SPEC).pins == Pins(16, 2)
+
+
+@pytest.mark.parametrize("pinned", [{"batch_size": 0, "torch_threads": None}, {"batch_size": 4}, [4, 1]])
+def test_malformed_pins_are_a_corrupt_header(tmp_path: Path, pinned):
+    with Journal.open(tmp_path, SPEC) as journal:
+        journal.pin(Pins(4, 1))
+    header = {**lines(journal.path)[0], "pinned": pinned}
+    journal.path.write_text(json.dumps(header) + "\n")
+    with pytest.raises(InputError, match="line 1 is corrupt .the header's 'pinned'"):
+        Journal.open(tmp_path, SPEC)
+
+
+# -- nesting too deep for the parser --------------------------------------------------------------
+
+
+def test_a_deeply_nested_line_is_one_error_line_everywhere(tmp_path: Path, capsys):
+    with Journal.open(tmp_path / "fp", SPEC) as journal:
+        journal.append(1, entry(1))
+        path = journal.path
+    path.write_bytes(path.read_bytes() + b"[" * 100_000 + b"\n" + _record_line(_record(2)))
+    with pytest.raises(InputError, match="line 3 is corrupt .nested deeper than"):
+        Journal.open(tmp_path / "fp", SPEC)
+    main(["list", str(tmp_path)])
+    assert "corrupt: line 3 is corrupt (nested deeper than" in capsys.readouterr().out
+    main(["repair", str(path)])
+    assert capsys.readouterr().out.strip() == "dropped 1 bad line(s): 3"
+    deep_header = tmp_path / "deep" / "shard-0-of-1.jsonl"
+    deep_header.parent.mkdir()
+    deep_header.write_bytes(b"{" * 100_000 + b"\n")
+    main(["list", str(tmp_path)])
+    assert "deep  " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        main(["repair", str(deep_header)])
+    assert refused.value.code == 2 and "line 1 is corrupt" in capsys.readouterr().err
+
+
+def _record(query_idx: int) -> dict:
+    return {"query_idx": query_idx, "attempt": 0, "entry": entry(query_idx), "stats": {}}
+
+
+def test_read_pins_reads_the_header_alone(tmp_path: Path):
+    with Journal.open(tmp_path, SPEC) as journal:
+        journal.pin(Pins(8, None))
+        journal.append(1, entry(1))
+    assert read_pins(journal.path) == Pins(8, None)
+
+
+def test_a_merge_of_shards_with_other_pins_warns(caplog):
+    from lever_lm.rl.generate import RunSummary, _note_shard_pins
+
+    same = RunSummary("fp", Path("j"), 4, 0)
+    _note_shard_pins([Pins(16, 2), Pins(16, 2)], same)
+    assert (same.batch_size, same.torch_threads) == (16, 2) and not caplog.text
+    other = RunSummary("fp", Path("j"), 4, 0)
+    _note_shard_pins([Pins(16, None), Pins(32, None)], other)
+    assert other.batch_size is None
+    assert "shard 0: batch size 16, shard 1: batch size 32" in caplog.text and "--batch_size" in caplog.text

@@ -313,9 +313,8 @@ def _record(query: int = 3, pool=(17, 2, 25, 9)) -> dict:
         "image_id": 1,
         "question": "q?",
         "gt_answers_raw": ["red"] * 10,
-        "candidate_pool_ids": list(pool),
     }
-    return {"query": query, "pointer_candidates": candidates}
+    return {"query": query, "candidate_pool_ids": list(pool), "pointer_candidates": candidates}
 
 
 RULES = RecordRules(shot_num=2, num_items=N, pool_size=4)
@@ -330,11 +329,15 @@ def _broken(edit) -> dict:
 @pytest.mark.parametrize(
     "edit, problem",
     [
-        (lambda r: r["query"].update(candidate_pool_ids=[17, 2, 25]), "has 3 rows, expected pool_size = 4"),
-        (lambda r: r["query"].update(candidate_pool_ids=[17, 2, 25, 3]), "candidate_pool_ids contains the query"),
-        (lambda r: r["query"].update(candidate_pool_ids=[17, 2, 25, 30]), "candidate_pool_ids has ids outside 0..29"),
-        (lambda r: r["query"].update(candidate_pool_ids=[17, 2, 25, 2]), "candidate_pool_ids repeats a row"),
-        (lambda r: r["query"].pop("candidate_pool_ids"), "candidate_pool_ids missing"),
+        (lambda r: r.update(candidate_pool_ids=[17, 2, 25]), "has 3 rows, expected pool_size = 4"),
+        (lambda r: r.update(candidate_pool_ids=[17, 2, 25, 3]), "candidate_pool_ids contains the query"),
+        (lambda r: r.update(candidate_pool_ids=[17, 2, 25, 30]), "candidate_pool_ids has ids outside 0..29"),
+        (lambda r: r.update(candidate_pool_ids=[17, 2, 25, 2]), "candidate_pool_ids repeats a row"),
+        (lambda r: r.pop("candidate_pool_ids"), "candidate_pool_ids missing"),
+        (
+            lambda r: r["query"].update(candidate_pool_ids=r.pop("candidate_pool_ids")),
+            "the pool belongs beside 'query'",
+        ),
         (lambda r: r["pointer_candidates"][0].update(pointer=[1, 4]), "pointer [1, 4] has ids outside 0..3"),
         (lambda r: r["pointer_candidates"][0].update(pointer_global=[2, 17]), "pointer_global [2, 17] is not"),
         (lambda r: r["pointer_candidates"][1].pop("pointer_global"), "pointer_global missing"),

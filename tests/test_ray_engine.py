@@ -26,6 +26,7 @@ from lever_lm.models.v3 import generate_rl_data  # noqa: E402
 from lever_lm.rl.blocks import QueryResult  # noqa: E402
 from lever_lm.rl.engines import ray as ray_engine  # noqa: E402
 from lever_lm.rl.engines.ray import Block, BlockWorker, Dispatcher, Worker, WorkersLost, worker_slots  # noqa: E402
+from lever_lm.rl.fingerprints import RESULT_CODE  # noqa: E402
 from lever_lm.rl.journal import Journal  # noqa: E402
 from lever_lm.vqa.backends.base import GenerationAborted  # noqa: E402
 
@@ -158,6 +159,31 @@ def test_a_killed_driver_resumes_from_the_journal(cluster, local_output, rl_inpu
     assert meta["timing"]["queries_processed_this_run"] < 12, "the rerun resumed"
 
 
+def test_beam_data_on_two_workers_writes_the_local_engines_bytes(
+    cluster, rl_inputs, tmp_path, monkeypatch, one_torch_thread
+):
+    """The InfoScore beam search is another job of the same engine: same blocks, same journal, same bytes."""
+    from lever_lm.infoscore import cli, generate
+
+    monkeypatch.setattr(generate, "BLOCK_SIZE", 2)  # 4 queries -> 2 blocks, one per worker
+    pools = json.loads((rl_inputs.beam_data.parent / "pools.json").read_text())
+    (tmp_path / "pools.json").write_text(json.dumps(dict(list(pools.items())[:4])))
+    flags = [*rl_inputs.dataset_flags(), "--sampler_cache", str(tmp_path / "pools.json"), "--vqa_model_path",
+             str(rl_inputs.vlm), "--device", "cpu", "--beam_size", "2", "--no_progress"]  # fmt: skip
+    cli.main([*flags, "--output_path", str(tmp_path / "local.json")])
+    cli.main([*flags, "--output_path", str(tmp_path / "ray.json"), "--engine", "ray", "--ray_address", cluster,
+              "--num_workers", "2"])  # fmt: skip
+    assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "local.json").read_bytes()
+    meta = json.loads((tmp_path / "ray.json.meta.json").read_text())
+    workers = meta["engine"]["workers"]
+    assert len(workers) == 2 and sum(w["queries"] for w in workers) == 4
+    assert (
+        sum(w["candidates"] for w in workers)
+        == meta["counts"]["prompts"]
+        == meta["timing"]["prompts_processed_this_run"]
+    )
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1", "not-an-address"])
 def test_a_bad_address_is_one_line_and_writes_nothing(address, rl_inputs, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -205,7 +231,7 @@ def test_a_block_that_loses_three_workers_stops_the_run_naming_it(monkeypatch):
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     monkeypatch.setattr(Dispatcher, "start_worker", lambda self: self.workers.append(Worker(len(self.workers), None)))
     block = Block(3, [10, 11, 12, 13], {12, 13})  # 10 and 11 are journaled already
-    dispatcher = Dispatcher(None, None, 0, [Block(4, [14, 15], {14, 15})], on_result=None)
+    dispatcher = Dispatcher(None, None, 0, [Block(4, [14, 15], {14, 15})], on_result=None, pin_batch_size=None)
     for attempt in range(1, 3):
         worker = Worker(len(dispatcher.workers), None, info={"pid": 1}, block=block)
         dispatcher.workers.append(worker)
@@ -219,7 +245,7 @@ def test_a_block_that_loses_three_workers_stops_the_run_naming_it(monkeypatch):
 
 def test_a_worker_with_other_library_versions_is_refused():
     with pytest.raises(InputError, match="has torch .*, the driver 0.0"):
-        ray_engine._check_same_code_and_libraries({"torch": "0.0"})
+        ray_engine._check_same_code_and_libraries({"torch": "0.0"}, RESULT_CODE)
 
 
 class ScorerThatFails:
@@ -250,3 +276,49 @@ def test_a_worker_hands_back_every_finished_query_then_the_error_that_stopped_it
         assert fail_after == 1 and collected == [5]
     else:
         assert fail_after is None and collected == [5, 6, 7]
+
+
+def test_a_local_journal_resumes_on_ray_with_its_pinned_batch_size_and_threads(
+    cluster, local_output, rl_inputs, tmp_path, one_torch_thread
+):
+    """Started by the local engine (1 thread, batch 16, as `local_output`) and stopped after 3 queries (its
+    journal cut there, as a kill leaves it), resumed on Ray with another --batch_size: the workers score
+    with the journal's pins, and the bytes are the local run's."""
+    output = tmp_path / "rl.json"
+    shutil.copytree(local_output.with_name("rl.json.journal"), tmp_path / "rl.json.journal")
+    (journal,) = (tmp_path / "rl.json.journal").glob("*/shard-0-of-1.jsonl")
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert len(lines) > 4, "the local run should have journaled more than 3 queries"
+    journal.write_bytes(b"".join(lines[:4]))
+    generate_rl_data.main(ray_argv(rl_inputs, output, cluster, "--num_workers", "1", "--batch_size", "5"))
+    assert output.read_bytes() == local_output.read_bytes()
+    workers = json.loads(output.with_name("rl.json.meta.json").read_text())["engine"]["workers"]
+    assert [(w["batch_size"], w["torch_threads"]) for w in workers] == [(16, 1)]
+
+    # A journal that pinned 2 threads (a local run on a 2-core machine) is resumed with 2 per worker.
+    header, *records = journal.read_bytes().splitlines(keepends=True)
+    pinned = json.loads(header)
+    pinned["pinned"]["torch_threads"] = 2
+    journal.write_bytes(json.dumps(pinned, separators=(",", ":")).encode() + b"\n" + b"".join(records[:-2]))
+    generate_rl_data.main(ray_argv(rl_inputs, output, cluster, "--num_workers", "1"))
+    workers = json.loads(output.with_name("rl.json.meta.json").read_text())["engine"]["workers"]
+    assert [(w["batch_size"], w["torch_threads"]) for w in workers] == [(16, 2)]
+
+
+def test_an_open_gpu_batch_size_is_chosen_by_one_worker_before_the_others_load(monkeypatch):
+    """On CUDA each worker would size its batch from its own free memory: the first decides for all."""
+    from dataclasses import replace
+
+    from lever_lm.rl.engines.ray import WorkerSpec
+
+    monkeypatch.setattr(Dispatcher, "start_worker", lambda self: self.workers.append(Worker(len(self.workers), None)))
+    spec = WorkerSpec("qwen", None, {}, None, None, "cuda:0", 1, RESULT_CODE, {})
+    pinned = []
+    dispatcher = Dispatcher(None, spec, 1, [], None, pinned.append, load_one_first=True)
+    dispatcher.start_workers(3)
+    assert len(dispatcher.workers) == 1
+    dispatcher.ready(dispatcher.workers[0], {"node": "n", "pid": 1, "gpus": ["0"], "batch_size": 24, "load_seconds": 1})
+    assert pinned == [24] and dispatcher.spec == replace(spec, batch_size=24) and len(dispatcher.workers) == 3
+    eager = Dispatcher(None, replace(spec, device="cpu"), 0, [], None, pinned.append)
+    eager.start_workers(3)
+    assert len(eager.workers) == 3

@@ -12,16 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from lever_lm.errors import InputError
+from lever_lm.models.v3.proposals import ProposalSettings
+from lever_lm.rl.checks import Expectations, load_rl_data, validate_rl_data
+from lever_lm.rl.metrics import compute_breakdown, compute_metrics
+from lever_lm.rl.plots import plot_data, write_plots
 from lever_lm.rl.records import RecordRules
-from lever_lm.rl.validate import (
-    Expectations,
-    compute_breakdown,
-    compute_metrics,
-    load_rl_data,
-    plot_data,
-    validate_rl_data,
-    write_plots,
-)
 from lever_lm.vqa.relevance import relevance
 
 # red: 4 of 10 annotators (accuracy 1.0), blue: 1 (0.3), anything else 0.
@@ -73,7 +68,7 @@ class FakeDataset:
         return SimpleNamespace(question_id=10 * row, image_id=row, question="q?")
 
 
-PROPOSAL = {"num_beams": 2, "temps": [1.0, 1.3], "num_samples_per_temp": 1, "num_random": 1, "num_retrieval": 0}
+PROPOSAL = ProposalSettings(num_beams=2, temps=(1.0, 1.3), num_samples_per_temp=1, num_random=1, num_retrieval=0)
 EXPECTED = Expectations(
     query_order=[3, 7],
     rules=RecordRules(shot_num=2, num_items=10),
@@ -160,8 +155,8 @@ def test_metrics_values(good):
     assert metrics["non_flat"] == 0.5  # query 7 is all 1.0
     assert metrics["group_std"] == pytest.approx(statistics.pstdev([1.0, 0.3, 0.0]) / 2, abs=1e-6)
     assert len([k for k, v in metrics.items() if not isinstance(v, dict)]) <= 10, "a headline for `dvc exp show`"
-    meta = {"counts": {"duplicates_dropped": {"beam": 0, "sample": 2, "random": 1}}}
-    breakdown = compute_breakdown(good, meta)
+    counts = {"duplicates_dropped": {"beam": 0, "sample": 2, "random": 1}, "unscorable_queries": {}}
+    breakdown = compute_breakdown(good, SimpleNamespace(counts=SimpleNamespace(**counts)))
     assert breakdown["candidates_per_query"] == {"mean": 2.5, "min": 2, "max": 3}
     assert breakdown["share_correct"] == pytest.approx(4 / 5)
     assert breakdown["by_label"]["sample@1.3"] == {"candidates": 1, "accuracy": 0.0, "share_correct": 0.0}
@@ -218,3 +213,17 @@ def test_without_gt_prob_only_the_hard_and_soft_mode_is_reported(good):
     metrics = compute_metrics(good)
     assert "gt_rho" not in metrics
     assert list(compute_breakdown(good)["reward_modes"]) == ["hard_plus_soft"]
+
+
+def test_a_file_with_its_pools_inside_query_is_refused_in_one_line(tmp_path, good):
+    """The layout of earlier versions: the lineage's trainer would read its local pointers as global rows."""
+    old = copy.deepcopy(good)
+    for entry in old.values():
+        entry["query"]["candidate_pool_ids"] = [1, 2, 4, 5, 0, 9]
+    path = tmp_path / "rl.json"
+    path.write_text(json.dumps(old))
+    with pytest.raises(InputError) as error:
+        load_rl_data(path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "2 queries hold candidate_pool_ids inside 'query'" in message and "regenerate the file" in message

@@ -35,10 +35,22 @@ def load_embeddings(path: str | Path, num_items: int | None = None) -> Tensor:
     if num_items is not None and tensor.shape[0] != num_items:
         raise InputError(path, f"has {tensor.shape[0]} rows but the data set has {num_items} items")
     tensor = tensor.to(torch.float32).contiguous()
-    bad_rows = (~torch.isfinite(tensor)).any(dim=1).nonzero().flatten()
-    if bad_rows.numel():
-        raise InputError(path, f"{bad_rows.numel()} rows hold NaN or Inf (first: row {int(bad_rows[0])})")
+    bad_rows = _rows_not_finite(tensor)
+    if bad_rows:
+        raise InputError(path, f"{len(bad_rows)} rows hold NaN or Inf (first: row {bad_rows[0]})")
     return tensor
+
+
+def _rows_not_finite(tensor: Tensor, chunk_rows: int = 1 << 16) -> list[int]:
+    """Rows holding NaN or Inf. A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum (one
+    pass, no copy) clears the whole tensor; only otherwise are rows checked, a chunk at a time."""
+    if torch.isfinite(tensor.sum()):
+        return []
+    bad = []
+    for start in range(0, tensor.shape[0], chunk_rows):
+        chunk = tensor[start : start + chunk_rows]
+        bad += (start + (~torch.isfinite(chunk)).any(dim=1).nonzero().flatten()).tolist()
+    return bad  # empty when the sum only overflowed
 
 
 def check_embedding_pair(query: Tensor, cand: Tensor, query_path: str | Path, cand_path: str | Path) -> None:

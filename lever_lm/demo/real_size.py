@@ -23,6 +23,7 @@ tests that catch size-dependent bugs in seconds.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -269,3 +270,57 @@ def write_okvqa_size_dataset(root: Path, items: int = 9009, distinct_photos: int
     split.questions_path.write_text(json.dumps({**header, "questions": questions}), encoding="utf-8")
     split.annotations_path.write_text(json.dumps({**header, "annotations": annotations}), encoding="utf-8")
     return {"questions": split.questions_path, "annotations": split.annotations_path, "images": split.image_root}
+
+
+# VQAv2's training split: questions and COCO train2014 images.
+VQAV2_TRAIN_QUESTIONS = 443_757
+VQAV2_TRAIN_IMAGES = 82_783
+VQAV2_ANSWER_TYPES = ("yes/no", "number", "other")
+
+
+def write_vqav2_size_dataset(
+    root: Path, questions: int = VQAV2_TRAIN_QUESTIONS, images: int = VQAV2_TRAIN_IMAGES, seed: int = 0
+) -> dict:
+    """A VQAv2-size training split under `root` (the demo's file layout), for start-up benchmarks:
+    `questions` questions over `images` image files, 10 answers each, every field of the official
+    files (answer confidences and ids, question and answer types). The image files are tiny but
+    distinct: one of 16 small JPEG photos, each followed by its own id (decoders stop at the
+    photo's end), so every file has its own content digest as COCO's photos do."""
+    from lever_lm.demo.dataset import Split
+
+    if not 1 <= images <= questions:
+        raise ValueError(f"need 1 <= images <= questions, got {images} images for {questions} questions")
+    split = Split("train", root)
+    split.image_root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    photos = [_jpeg_bytes(synthetic_photo(seed * 1_000_003 + i, (32, 24))) for i in range(16)]
+    image_ids = rng.sample(range(1, 600_000), images)  # COCO ids, in no particular order
+    for k, image_id in enumerate(image_ids):
+        target = split.image_path(image_id)
+        if not target.exists():
+            target.write_bytes(photos[k % len(photos)] + f"synthetic image {image_id}".encode())
+    per_image = [questions // images + (k < questions % images) for k in range(images)]
+    records, annotations = [], []
+    for image_id, count in zip(image_ids, per_image):
+        for j in range(count):
+            question_id = image_id * 1000 + j  # VQAv2's numbering
+            question, answer = synthetic_question(rng)
+            answers = [answer if rng.random() < 0.7 else rng.choice(ANSWERS) for _ in range(10)]
+            records.append({"image_id": image_id, "question": question, "question_id": question_id})
+            annotations.append({
+                "question_type": " ".join(question.split()[:2]).lower(), "multiple_choice_answer": answer,
+                "answers": [{"answer": a, "answer_confidence": rng.choice(("yes", "maybe", "no")), "answer_id": i + 1}
+                            for i, a in enumerate(answers)],
+                "image_id": image_id, "answer_type": rng.choice(VQAV2_ANSWER_TYPES), "question_id": question_id,
+            })  # fmt: skip
+    header = {"info": {"description": "synthetic VQAv2-size set"}, "license": {}, "data_subtype": "train2014"}
+    questions_file = {**header, "task_type": "Open-Ended", "data_type": "mscoco", "questions": records}
+    split.questions_path.write_text(json.dumps(questions_file), encoding="utf-8")
+    split.annotations_path.write_text(json.dumps({**header, "annotations": annotations}), encoding="utf-8")
+    return {"questions": split.questions_path, "annotations": split.annotations_path, "images": split.image_root}
+
+
+def _jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

@@ -350,21 +350,6 @@ def shared_prefix_loss(model, batch: dict) -> Tensor:
     return torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][picked]), targets[picked])
 
 
-def answer_losses(model, batch: dict) -> Tensor:
-    """Per row [B]: the mean cross-entropy of its labelled tokens (the same pass as `shared_prefix_loss`).
-
-    exp(-loss) is the model's (per-token geometric mean) probability of a row's answer, the quantity
-    Lever-LM's InfoScore compares with and without an ICD (see `lever_lm.demo.beam_data`).
-    """
-    hidden = shared_prefix_hidden(model, batch)
-    targets = batch["labels"][:, 1:]
-    picked = targets != IGNORE_INDEX
-    losses = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][picked]), targets[picked], reduction="none")
-    rows = picked.nonzero()[:, 0]
-    totals = torch.zeros(targets.shape[0], dtype=losses.dtype).index_add_(0, rows, losses)
-    return totals / picked.sum(dim=1).clamp(min=1)
-
-
 def shared_prefix_hidden(model, batch: dict) -> Tensor:
     """The language model's last hidden states [B, L, h], the text that starts every row run once.
 

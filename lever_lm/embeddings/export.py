@@ -41,17 +41,37 @@ def export_embeddings(
     num_workers: int | None = None,
 ) -> Tensor:
     """Float32 [N, d] embeddings of every item of `dataset`, row i = item i, rows of norm 1."""
+    image_rows, text_emb = clip_features(dataset, model_dir, batch_size, device, progress, num_workers)
+    return combine(image_rows, text_emb)
+
+
+def clip_features(
+    dataset: VQADataset,
+    model_dir: str | Path,
+    batch_size: int = 64,
+    device: str = "cpu",
+    progress: bool = True,
+    num_workers: int | None = None,
+    images: bool = True,
+    texts: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The raw CLIP image and question embeddings [N, d] of every item (row i = item i; the rows of one
+    picture share its embedding, computed once); None for the kind not asked for."""
     if batch_size < 1:
         raise InputError(None, f"batch size must be at least 1, got {batch_size}")
     image_ids = list(dict.fromkeys(dataset.image_ids))  # unique, in order of first use
-    _check_images_exist(dataset, image_ids)
+    if images:
+        _check_images_exist(dataset, image_ids)
     model, processor = load_clip(model_dir, device)
-    workers = num_workers or min(8, os.cpu_count() or 1)
-    image_emb = _embed_images(model, processor, dataset, image_ids, batch_size, device, workers, progress)
-    text_emb = _embed_texts(model, processor, dataset.questions, batch_size, device, progress)
-    row_of_image = {image_id: k for k, image_id in enumerate(image_ids)}
-    image_rows = image_emb[torch.tensor([row_of_image[i] for i in dataset.image_ids], dtype=torch.long)]
-    return combine(image_rows, text_emb)
+    image_rows = text_emb = None
+    if images:
+        workers = num_workers or min(8, os.cpu_count() or 1)
+        image_emb = _embed_images(model, processor, dataset, image_ids, batch_size, device, workers, progress)
+        row_of_image = {image_id: k for k, image_id in enumerate(image_ids)}
+        image_rows = image_emb[torch.tensor([row_of_image[i] for i in dataset.image_ids], dtype=torch.long)]
+    if texts:
+        text_emb = _embed_texts(model, processor, dataset.questions, batch_size, device, progress)
+    return image_rows, text_emb
 
 
 def combine(image_emb: Tensor, text_emb: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ queries (blocks are also the unit of sharding and of the Ray engine's scheduling
 
 With per-query pools (`--pool per_query`) each query is proposed over its own pool alone: the
 block's pools come from `inputs.pools`, a candidate's pointer holds positions in its query's pool
-(prompts are built from the global rows), and the record carries the pool.
+(prompts are built from the global rows), and the record carries the pool beside `query`.
 
 A query whose own image cannot be read gets no real scores: every candidate shows that image, so
 its group would be all zeros that look like data. Its result says so (`query_error`), and the
@@ -34,23 +34,30 @@ from dataclasses import dataclass, field
 
 from lever_lm.models.v3.proposals import Candidate, Proposer, QueryProposals
 from lever_lm.rl.inputs import Inputs
-from lever_lm.rl.records import candidate_record, query_record
-from lever_lm.vqa.backends.base import Generation, VQABackend
+from lever_lm.rl.records import candidate_record, entry_record, query_record
+from lever_lm.rl.request import PROPOSAL_BLOCK
+from lever_lm.vqa.backends.base import (
+    AcceleratorFailure,
+    Generation,
+    VQABackend,
+    accelerator_message,
+    is_accelerator_failure,
+)
 from lever_lm.vqa.expected_accuracy import distinct_answers
 from lever_lm.vqa.images import UnreadableImage, read_rgb
 from lever_lm.vqa.metric import prepare_answers
 from lever_lm.vqa.prompts import build_prompt
 
-PROPOSAL_BLOCK = 32
-
 
 @dataclass
 class QueryResult:
-    """A finished query: its record, the proposal statistics, and why it could not be scored (if so)."""
+    """A finished query: its record, its statistics, why it could not be scored (if so), and how much
+    work it took in the job's unit (candidates, prompts: for progress and the meta sidecar)."""
 
     query_idx: int
     entry: dict
     stats: dict = field(default_factory=dict)
+    work: int = 0
 
     @property
     def query_error(self) -> str | None:
@@ -65,6 +72,18 @@ def blocks_of(queries: Sequence[int], block_size: int = PROPOSAL_BLOCK) -> list[
 def shard_of(queries: Sequence[int], num_shards: int, shard_id: int, block_size: int = PROPOSAL_BLOCK) -> list[int]:
     """The shard's queries: blocks dealt round-robin, so shards are whole blocks."""
     return [q for block in blocks_of(queries, block_size)[shard_id::num_shards] for q in block]
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """How the RL job's block runner scores (`job.RunnerFactory`): what a Ray worker needs to build its own."""
+
+    eval_mode: str
+    block_size: int
+    gt_prob: bool = True
+
+    def build(self, inputs: Inputs, backend: VQABackend, device: str) -> BlockScorer:
+        return BlockScorer(inputs, backend, self.eval_mode, device, self.block_size, self.gt_prob)
 
 
 class BlockScorer:
@@ -93,7 +112,17 @@ class BlockScorer:
         if not todo.intersection(block):
             return
         pools = self.inputs.pools.pools_of(block) if self.inputs.pools is not None else None
-        yield from self.score(self.proposer.propose(block, pools), todo)
+        yield from self.score(self._propose(block, pools), todo)
+
+    def _propose(self, block: Sequence[int], pools) -> list[QueryProposals]:
+        """The block's proposals; an accelerator failure of the pointer stops the run as one of the VQA
+        model does (`AcceleratorFailure`, exit 3), never as a traceback."""
+        try:
+            return self.proposer.propose(block, pools)
+        except RuntimeError as error:
+            if is_accelerator_failure(error):
+                raise AcceleratorFailure(accelerator_message(error)) from error
+            raise
 
     def score(self, proposals: list[QueryProposals], todo: set[int]) -> Iterator[QueryResult]:
         """Score the block's candidates chunk by chunk (chunks cut from the whole block)."""
@@ -146,16 +175,14 @@ class BlockScorer:
         candidates = [
             candidate_record(c, g, prepared, answers, replies, pool) for c, g in zip(proposals.candidates, generations)
         ]
-        entry = {
-            "query": query_record(query_idx, item.question_id, item.image_id, item.question, answers, pool),
-            "pointer_candidates": candidates,
-        }
+        query = query_record(query_idx, item.question_id, item.image_id, item.question, answers)
+        entry = entry_record(query, candidates, pool)
         stats: dict = {"duplicates_dropped": dict(proposals.duplicates_dropped)}
         if any(c["eval_failed"] for c in candidates):
             reason = self._unreadable_query_image(query_idx)
             if reason is not None:
                 stats["query_error"] = reason
-        return QueryResult(query_idx, entry, stats)
+        return QueryResult(query_idx, entry, stats, work=len(candidates))
 
     def _unreadable_query_image(self, query_idx: int) -> str | None:
         """Why the query's own image cannot be read, or None (checked only when a candidate failed)."""

@@ -11,7 +11,12 @@ Ctrl-C (130) or SIGTERM (143), both saying how far the journal got and that a re
 a failure of the machine -- an accelerator error, whole batches failing -- (3).
 """
 
+# ruff: noqa: E402 -- `python -m lever_lm.rl.cli` applies the process settings before torch is imported
 from __future__ import annotations
+
+from lever_lm.process import apply_process_settings
+
+apply_process_settings()
 
 import argparse
 import contextlib
@@ -29,9 +34,8 @@ from lever_lm.data.dataset_paths import add_dataset_arguments, resolve_dataset_p
 from lever_lm.errors import EXIT_INPUT_ERROR, exit_on_input_error
 from lever_lm.models.v3.pools import POOL_MODES, SAMPLERS, PoolSettings
 from lever_lm.models.v3.proposals import ProposalSettings
-from lever_lm.rl.blocks import PROPOSAL_BLOCK
 from lever_lm.rl.generate import run_generation
-from lever_lm.rl.request import ENGINES, GenerationRequest
+from lever_lm.rl.request import ENGINES, PROPOSAL_BLOCK, GenerationRequest
 from lever_lm.vqa.backends import available_backends
 from lever_lm.vqa.backends.base import GenerationAborted
 from lever_lm.vqa.metric import MODES
@@ -58,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seed = parser.add_argument_group("the seed's flags")
     seed.add_argument(
-        "--sft_ckpt", type=Path, required=True, help="SFT (v2) pointer checkpoint (.ckpt, Lightning layout)"
+        "--sft_ckpt",
+        type=Path,
+        required=True,
+        help="pointer checkpoint: an SFT .ckpt (Lightning layout) or a Lever-Plus RL .pt (model_state_dict)",
     )
     seed.add_argument(
         "--beam_data", type=Path, required=True, help="beam data JSON; its keys are the queries, in order"
@@ -141,24 +148,30 @@ def _add_more_options(more: argparse._ArgumentGroup) -> None:
         help="switch vqa_gt_prob off: the field is null (gt_prob: %(default)s)",
     )
     more.add_argument(
-        "--batch_size", type=int, help="prompts per VQA generate call (default: from the GPU's free memory; 16 on CPU)"
-    )
-    more.add_argument(
-        "--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards"
-    )
-    more.add_argument(
-        "--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole proposal blocks)"
-    )
-    more.add_argument(
-        "--merge", action="store_true", help="combine the journals of shards 0..num_shards-1 into --output_path"
-    )
-    more.add_argument("--limit", type=int, help="only the first N queries of the beam data")
-    more.add_argument(
         "--proposal_block",
         type=int,
         default=PROPOSAL_BLOCK,
         help="queries proposed together; the unit of sharding (part of the journal fingerprint)",
     )
+    add_run_options(more)
+
+
+def add_run_options(more: argparse._ArgumentGroup) -> None:
+    """The flags of every per-query job (`request.JobOptions`): batch size, shards, limit, journal,
+    engine, progress."""
+    more.add_argument(
+        "--batch_size", type=int, help="prompts per VQA model call (default: from the GPU's free memory; 16 on CPU)"
+    )
+    more.add_argument(
+        "--num_shards", type=int, default=REQUEST["num_shards"], help="split the queries into this many shards"
+    )
+    more.add_argument(
+        "--shard_id", type=int, default=REQUEST["shard_id"], help="which shard to run (whole blocks of queries)"
+    )
+    more.add_argument(
+        "--merge", action="store_true", help="combine the journals of shards 0..num_shards-1 into --output_path"
+    )
+    more.add_argument("--limit", type=int, help="only the first N queries")
     more.add_argument("--journal_dir", type=Path, help="journal directory (default: <output_path>.journal)")
     more.add_argument(
         "--engine",
@@ -210,21 +223,29 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         ),
         pools=PoolSettings(args.pool, args.pool_size, args.sampler, args.sampler_cache),
         shot_num=args.shot_num,
+        proposal_block=args.proposal_block,
         eval_mode=args.eval_mode,
         gt_prob=args.gt_prob,
         device=args.device,
-        batch_size=args.batch_size,
-        num_shards=args.num_shards,
-        shard_id=args.shard_id,
-        limit=args.limit,
-        journal_dir=args.journal_dir,
-        merge_only=args.merge,
-        progress=not args.no_progress,
-        engine=args.engine,
-        ray_address=args.ray_address,
-        num_workers=args.num_workers,
-        gpus_per_worker=args.gpus_per_worker,
+        **run_fields(args),
     )
+
+
+def run_fields(args: argparse.Namespace) -> dict:
+    """The `JobOptions` fields that `add_run_options` parsed."""
+    return {
+        "batch_size": args.batch_size,
+        "num_shards": args.num_shards,
+        "shard_id": args.shard_id,
+        "limit": args.limit,
+        "journal_dir": args.journal_dir,
+        "merge_only": args.merge,
+        "progress": not args.no_progress,
+        "engine": args.engine,
+        "ray_address": args.ray_address,
+        "num_workers": args.num_workers,
+        "gpus_per_worker": args.gpus_per_worker,
+    }
 
 
 def _path_or_none(value) -> Path | None:
@@ -234,15 +255,12 @@ def _path_or_none(value) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    if args.proposal_block < 1:
-        print(f"error: --proposal_block must be >= 1 (got {args.proposal_block})", file=sys.stderr)
-        raise SystemExit(EXIT_INPUT_ERROR)
-    with exit_on_input_error(), _one_line_stops(args):
-        run_generation(request_from_args(args), block_size=args.proposal_block)
+    with exit_on_input_error(), one_line_stops(args):
+        run_generation(request_from_args(args))
 
 
 @contextlib.contextmanager
-def _one_line_stops(args: argparse.Namespace) -> Iterator[None]:
+def one_line_stops(args: argparse.Namespace) -> Iterator[None]:
     """Ctrl-C, SIGTERM and a full or read-only disk end the run with one line, never a traceback."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -279,3 +297,7 @@ def _progress_note(args: argparse.Namespace) -> str:
         return "nothing was journaled yet"
     _, path, lines = max(counts)
     return f"{lines} queries are journaled in {path} and kept"
+
+
+if __name__ == "__main__":
+    main()

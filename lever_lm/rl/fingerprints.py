@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:FINGERPRINT_LENGTH]
 
 
-def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) -> dict:
+def run_settings(request: GenerationRequest, inputs: Inputs) -> dict:
     """The JSON-serialisable settings dict whose hash names the journal directory."""
     paths = request.dataset
     files = {
@@ -51,7 +52,6 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
         "val_questions": request.val_ques_path,
         "val_annotations": request.val_ann_path,
     }
-    images = {inputs.dataset.image_path(row) for row in range(len(inputs.dataset))}
     return {
         "format_version": FORMAT_VERSION,
         "proposal": {**asdict(inputs.proposal), "temps": list(inputs.proposal.temps)},
@@ -60,7 +60,7 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
         "proposal_code": {
             "scan_chunk": proposals.SCAN_CHUNK,
             "draw_block": proposals.DRAW_BLOCK,
-            "query_block": block_size,
+            "query_block": request.proposal_block,
         },
         "eval_mode": request.eval_mode,
         "gt_prob": request.gt_prob,
@@ -68,7 +68,7 @@ def run_settings(request: GenerationRequest, inputs: Inputs, block_size: int) ->
             request.vqa_model, model_path=request.vqa_model_path, config=request.config, device=request.device
         ),
         "inputs": {name: file_digest(path) for name, path in files.items() if path is not None},
-        "images": files_digest(images, paths.train_image_root),
+        "images": files_digest(inputs.dataset.image_names(), paths.train_image_root),
         "code": code_digest(),
     }
 
@@ -81,12 +81,11 @@ def pool_settings(request: GenerationRequest) -> dict:
     return settings
 
 
-def code_digest() -> str:
-    """The content of the project code that shapes results (see RESULT_CODE)."""
+def code_digest(parts: Sequence[str] = RESULT_CODE) -> str:
+    """The content of the project code that shapes a job's results (packages and modules under
+    lever_lm/; by default the RL job's, RESULT_CODE)."""
     root = Path(lever_lm.__file__).parent
-    sources = [
-        p for part in RESULT_CODE for p in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])
-    ]
+    sources = [p for part in parts for p in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])]
     return files_digest(sources, root)
 
 

@@ -16,7 +16,8 @@ import torch
 
 from lever_lm.data.beam_data import BeamData, load_beam_data
 from lever_lm.data.embeddings import check_embedding_pair, load_embeddings
-from lever_lm.data.vqa import VQADataset, load_annotations
+from lever_lm.data.vqa import AnswerTable, VQADataset
+from lever_lm.digests import file_digest
 from lever_lm.errors import InputError
 from lever_lm.io import read_json
 from lever_lm.models.v2.checkpoint import load_pointer_checkpoint
@@ -57,7 +58,9 @@ def load_inputs(request: GenerationRequest) -> Inputs:
         if not Path(path).is_file():
             raise InputError(path, f"embeddings file not found; export them first: {EXPORT_HINT}")
     query_emb = load_embeddings(request.query_emb, len(dataset))
-    cand_emb = load_embeddings(request.cand_emb, len(dataset))
+    # The export writes two identical files: one tensor then serves both (half the time and memory).
+    same = same_content(request.cand_emb, request.query_emb)
+    cand_emb = query_emb if same else load_embeddings(request.cand_emb, len(dataset))
     check_embedding_pair(query_emb, cand_emb, request.query_emb, request.cand_emb)
     proposal = dataclasses.replace(request.proposal, shot_num=request.shot_num or beam.shot_num)
     all_queries = list(beam.query_ids)
@@ -84,37 +87,49 @@ def load_inputs(request: GenerationRequest) -> Inputs:
     proposal = dataclasses.replace(request.proposal, shot_num=request.shot_num or beam.shot_num)
     all_queries = list(beam.query_ids)
     queries = all_queries[: request.limit] if request.limit else all_queries
-    answers = scoring_answers(request, dataset, all_queries)  # a block straddling --limit scores them all
+    # a block straddling --limit scores them all
+    answers = scoring_answers(dataset, all_queries, request.val_ann_path, request.val_ques_path)
     return Inputs(dataset, beam, query_emb, cand_emb, pointer.eval(), proposal, all_queries, queries, answers, pools)
 
 
-def scoring_answers(request: GenerationRequest, dataset: VQADataset, queries: list[int]) -> dict[int, tuple[str, ...]]:
-    """The human answers that score each query: from --val_ann_path when it holds the question
-    (docs/formats.md §2, note), else from the training annotations the data set was read with."""
-    val = {}
-    if request.val_ann_path is not None:
-        _check_questions_file(request.val_ques_path)  # questions themselves come from the data set
-        val = load_annotations(request.val_ann_path)
+def scoring_answers(
+    dataset: VQADataset, queries: list[int], val_ann_path: Path | None, val_ques_path: Path | None = None
+) -> dict[int, tuple[str, ...]]:
+    """The human answers that score each query: from `val_ann_path` when it holds the question
+    (docs/formats.md §2, note), else from the training annotations the data set was read with.
+    The generator and the validator both call this: one rule for which annotations score a query.
+    Scoring files with the training files' content (the pipeline's default) are not read again."""
+    val: AnswerTable | None = None
+    if val_ann_path is not None and not same_content(val_ann_path, dataset.annotations_path):
+        if val_ques_path is not None and not same_content(val_ques_path, dataset.questions_path):
+            _check_questions_file(val_ques_path)  # questions themselves come from the data set
+        val = AnswerTable.load(val_ann_path)
     answers, from_train = {}, 0
     for query in queries:
         item = dataset[query]
-        record = val.get(item.question_id)
-        if record is not None:
-            answers[query] = tuple(str(a["answer"]) for a in record["answers"])
+        found = val.get(item.question_id) if val is not None else None
+        if found is not None:
+            answers[query] = found
         else:
             answers[query] = item.answers
             from_train += 1
         if not answers[query]:
-            where = request.val_ann_path or request.dataset.train_ann_path
+            where = val_ann_path or dataset.annotations_path
             raise InputError(where, f"no answers for question {item.question_id}")
-    if val and from_train:
+    if val is not None and from_train:
         log.info(
             "%d of %d queries are not in %s; scored with the training annotations",
             from_train,
             len(queries),
-            request.val_ann_path,
+            val_ann_path,
         )
     return answers
+
+
+def same_content(path: Path, other: Path) -> bool:
+    """Whether two input files hold the same bytes (by their cached content digests)."""
+    path, other = Path(path), Path(other)
+    return path.is_file() and other.is_file() and file_digest(path) == file_digest(other)
 
 
 def _check_questions_file(path: Path) -> None:

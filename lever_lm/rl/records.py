@@ -2,18 +2,22 @@
 
 A query's record (one value of the final JSON, one journal line's `entry`; docs/formats.md §5):
 
-    {"query": {"query_id", "question_id", "image_id", "question", "gt_answers_raw", ["candidate_pool_ids"]},
+    {"query": {"query_id", "question_id", "image_id", "question", "gt_answers_raw"},
+     ["candidate_pool_ids": [...],]
      "pointer_candidates": [{"pointer", ["pointer_global"], "gen_method", "beam_rank", "beam_score",
                              "logprob_score", "temperature", "vqa_raw_generation", "vqa_pred_answer",
                              "vqa_correct", "vqa_acc_score", "vqa_eval_mode", "eval_failed", ["eval_error"],
                              "vqa_gt_prob", "vqa_rel_token_f1", "vqa_rel_edit_sim", "vqa_rel_score"}, ...]}
 
-With per-query pools (docs/formats.md §7) the query block carries its pool, `candidate_pool_ids`
-(global rows in pool order), a candidate's `pointer` holds positions in that pool and
-`pointer_global` the global rows (`pointer_global[i] == candidate_pool_ids[pointer[i]]`). With the
-global pool neither field exists and `pointer` holds global rows.
+With per-query pools (docs/formats.md §7) the record carries its pool, `candidate_pool_ids`
+(global rows in pool order), beside `query` and `pointer_candidates` -- where the lineage's
+trainer reads it (and where its k64 generator writes it); a candidate's `pointer` holds positions
+in that pool and `pointer_global` the global rows (`pointer_global[i] ==
+candidate_pool_ids[pointer[i]]`). With the global pool neither field exists and `pointer` holds
+global rows. A pool inside `query` (the layout of earlier versions) is refused: the trainer would
+not see it and would read the positions as global rows.
 
-The generator builds records with `query_record` / `candidate_record`; the journal checks every
+The generator builds records with `entry_record`, `query_record` and `candidate_record`; the journal checks every
 line it reads with `entry_problems`; the validator applies the same rules to the final file, and
 the final-JSON writer and the validator count with `MethodTotals`. The field names are the
 lineage trainer's contract: they never change.
@@ -22,7 +26,7 @@ lineage trainer's contract: they never change.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from lever_lm.io import is_json_number
@@ -50,32 +54,32 @@ CANDIDATE_FIELDS = {
 OPTIONAL_NUMBER_FIELDS = ("beam_rank", "beam_score", "logprob_score", "temperature")
 GT_PROB_FIELD = "vqa_gt_prob"  # the dense fields the lineage's trainer reads (docs/formats.md §7)
 DENSE_FIELDS = (GT_PROB_FIELD, *RELEVANCE_FIELDS)
-POOL_FIELD = "candidate_pool_ids"  # query block, per-query pools only
+POOL_FIELD = "candidate_pool_ids"  # beside "query", per-query pools only
 GLOBAL_POINTER_FIELD = "pointer_global"  # candidate, per-query pools only
 
 
 # -- building -------------------------------------------------------------------------------------
 
 
-def query_record(
-    query_idx: int,
-    question_id: int,
-    image_id: int,
-    question: str,
-    answers: Sequence[str],
-    pool: Sequence[int] | None = None,
-) -> dict:
-    """The `query` block of a record; `pool`: the query's own pool (per-query pools only)."""
-    record = {
+def entry_record(query: dict, candidates: list[dict], pool: Sequence[int] | None = None) -> dict:
+    """A query's record in the lineage's key order: `query`, with per-query pools `candidate_pool_ids`
+    (the query's own pool, global rows in pool order), `pointer_candidates`."""
+    entry = {"query": query}
+    if pool is not None:
+        entry[POOL_FIELD] = list(pool)
+    entry["pointer_candidates"] = candidates
+    return entry
+
+
+def query_record(query_idx: int, question_id: int, image_id: int, question: str, answers: Sequence[str]) -> dict:
+    """The `query` block of a record."""
+    return {
         "query_id": query_idx,
         "question_id": question_id,
         "image_id": image_id,
         "question": question,
         "gt_answers_raw": list(answers),
     }
-    if pool is not None:
-        record[POOL_FIELD] = list(pool)
-    return record
 
 
 def candidate_record(
@@ -139,11 +143,32 @@ def needs_retry(entry: dict, stats: dict) -> bool:
 
 @dataclass(frozen=True)
 class RecordRules:
-    """What the inputs say a record must look like."""
+    """What the inputs say a record must look like (the journal checks every line it reads with these)."""
 
     shot_num: int
     num_items: int  # rows of the training split: global pointers lie in 0..num_items-1
     pool_size: int | None = None  # per-query pools of this size (pointers are positions in them); None: global
+
+    def header(self) -> dict:
+        """The journal header's `rules`; `pool_size` only with per-query pools (global headers are as before)."""
+        header = {"shot_num": self.shot_num, "num_items": self.num_items}
+        if self.pool_size is not None:
+            header["pool_size"] = self.pool_size
+        return header
+
+    @classmethod
+    def from_header(cls, rules: dict) -> RecordRules:
+        pool_size = rules.get("pool_size")
+        return cls(int(rules["shot_num"]), int(rules["num_items"]), None if pool_size is None else int(pool_size))
+
+    def problems(self, query_idx: int, entry: object, stats: object) -> Iterator[str]:
+        """Every way a journal line's entry and stats break the schema."""
+        yield from entry_problems(query_idx, entry, self)
+        yield from stats_problems(stats)
+
+    @staticmethod
+    def needs_retry(entry: dict, stats: dict) -> bool:
+        return needs_retry(entry, stats)
 
 
 def entry_problems(query_idx: int, entry: object, rules: RecordRules) -> Iterator[str]:
@@ -152,11 +177,10 @@ def entry_problems(query_idx: int, entry: object, rules: RecordRules) -> Iterato
     if not isinstance(entry, dict) or not isinstance(entry.get("pointer_candidates"), list):
         yield f"{where}: entry must be an object with a 'pointer_candidates' list"
         return
-    query = entry.get("query")
-    yield from (f"{where}: {p}" for p in _query_problems(query_idx, query))
-    pool_problems = list(_pool_problems(query_idx, query, rules))
+    yield from (f"{where}: {p}" for p in _query_problems(query_idx, entry.get("query")))
+    pool_problems = list(_pool_problems(query_idx, entry, rules))
     yield from (f"{where}: {p}" for p in pool_problems)
-    pool = query[POOL_FIELD] if rules.pool_size is not None and isinstance(query, dict) and not pool_problems else None
+    pool = entry[POOL_FIELD] if rules.pool_size is not None and not pool_problems else None
     if not entry["pointer_candidates"]:
         yield f"{where}: no candidates"
     seen: set[tuple] = set()
@@ -198,26 +222,31 @@ def _query_problems(query_idx: int, query: object) -> Iterator[str]:
         yield "query.gt_answers_raw must be a non-empty list of strings"
 
 
-def _pool_problems(query_idx: int, query: object, rules: RecordRules) -> Iterator[str]:
-    """The query's pool: present exactly with per-query pools, `pool_size` distinct rows without the query."""
-    if not isinstance(query, dict):
-        return
-    pool = query.get(POOL_FIELD)
+def old_pool_layout(entry: object) -> bool:
+    """Whether a record holds its pool inside `query` (earlier versions), where the trainer never looks."""
+    return isinstance(entry, dict) and isinstance(entry.get("query"), dict) and POOL_FIELD in entry["query"]
+
+
+def _pool_problems(query_idx: int, entry: dict, rules: RecordRules) -> Iterator[str]:
+    """The record's pool: beside `query` exactly with per-query pools, `pool_size` distinct rows without the query."""
+    if old_pool_layout(entry):
+        yield f"query.{POOL_FIELD}: the pool belongs beside 'query', where the lineage's trainer reads it"
+    pool = entry.get(POOL_FIELD)
     if rules.pool_size is None:
-        if POOL_FIELD in query:
-            yield f"query.{POOL_FIELD} in a record of a global-pool run"
+        if POOL_FIELD in entry:
+            yield f"{POOL_FIELD} in a record of a global-pool run"
         return
     if not isinstance(pool, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in pool):
-        yield f"query.{POOL_FIELD} missing or not a list of integers"
+        yield f"{POOL_FIELD} missing or not a list of integers"
         return
     if len(pool) != rules.pool_size:
-        yield f"query.{POOL_FIELD} has {len(pool)} rows, expected pool_size = {rules.pool_size}"
+        yield f"{POOL_FIELD} has {len(pool)} rows, expected pool_size = {rules.pool_size}"
     if any(not 0 <= r < rules.num_items for r in pool):
-        yield f"query.{POOL_FIELD} has ids outside 0..{rules.num_items - 1}"
+        yield f"{POOL_FIELD} has ids outside 0..{rules.num_items - 1}"
     if query_idx in pool:
-        yield f"query.{POOL_FIELD} contains the query itself"
+        yield f"{POOL_FIELD} contains the query itself"
     if len(set(pool)) != len(pool):
-        yield f"query.{POOL_FIELD} repeats a row"
+        yield f"{POOL_FIELD} repeats a row"
 
 
 def _candidate_problems(query_idx: int, c: object, rules: RecordRules, pool: list[int] | None) -> Iterator[str]:
@@ -309,27 +338,52 @@ def _dense_problems(c: dict) -> Iterator[str]:
 # -- counting -------------------------------------------------------------------------------------
 
 
+def method_of(candidate: dict) -> str:
+    return candidate["gen_method"]
+
+
+def method_label(candidate: dict) -> str:
+    """`beam`, `random`, `retrieval`, or `sample@T`: the groups the run's settings count, and the
+    metrics and plots compare."""
+    if candidate["gen_method"] == "sample":
+        return f"sample@{candidate['temperature']:g}"
+    return candidate["gen_method"]
+
+
 @dataclass
 class MethodTotals:
-    """Counts over records: candidates, failures, duplicates dropped, accuracy by method."""
+    """Counts over records: candidates, failures, duplicates dropped, and per group of candidates (by
+    default their method; `label` may group them otherwise) their number, mean accuracy and share
+    correct. The final-JSON writer counts with it for the meta sidecar, and the validator counts the
+    file with it again for its breakdowns and to check the sidecar's counts."""
 
+    label: Callable[[dict], str] = method_of
     queries: int = 0
     candidates: int = 0
     failed: int = 0
     duplicates: dict[str, int] = field(default_factory=dict)
-    method_count: dict[str, int] = field(default_factory=dict)
-    method_accuracy: dict[str, float] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+    accuracy_sum: dict[str, float] = field(default_factory=dict)
+    correct: dict[str, int] = field(default_factory=dict)
 
     def add(self, entry: dict, stats: dict | None = None) -> None:
         self.queries += 1
         for candidate in entry["pointer_candidates"]:
-            method = candidate["gen_method"]
+            group = self.label(candidate)
             self.candidates += 1
             self.failed += bool(candidate["eval_failed"])
-            self.method_count[method] = self.method_count.get(method, 0) + 1
-            self.method_accuracy[method] = self.method_accuracy.get(method, 0.0) + candidate["vqa_acc_score"]
+            self.count[group] = self.count.get(group, 0) + 1
+            self.accuracy_sum[group] = self.accuracy_sum.get(group, 0.0) + candidate["vqa_acc_score"]
+            self.correct[group] = self.correct.get(group, 0) + candidate["vqa_correct"]
         for method, n in (stats or {}).get("duplicates_dropped", {}).items():
             self.duplicates[method] = self.duplicates.get(method, 0) + n
+
+    def by_group(self) -> dict[str, dict]:
+        """group -> {"candidates", "accuracy" (mean), "share_correct"}, sorted by group."""
+        return {
+            g: {"candidates": n, "accuracy": self.accuracy_sum[g] / n, "share_correct": self.correct[g] / n}
+            for g, n in sorted(self.count.items())
+        }
 
     def as_dict(self) -> dict:
         return {
@@ -337,8 +391,5 @@ class MethodTotals:
             "candidates": self.candidates,
             "failed": self.failed,
             "duplicates_dropped": dict(sorted(self.duplicates.items())),
-            "by_method": {
-                m: {"candidates": n, "accuracy": self.method_accuracy[m] / n}
-                for m, n in sorted(self.method_count.items())
-            },
+            "by_method": self.by_group(),
         }

@@ -35,10 +35,19 @@ class UnreadableImage(Exception):
     """An image file that cannot be read; the message names the file and the reason."""
 
 
+# Images are decoded into at most this many pixels (a 4096 x 4096 square, 48 MB as RGB): above every
+# size a backend feeds its model (Qwen2.5-VL resizes to at most 12.8 M pixels by default, CLIP and
+# OpenFlamingo to 224 x 224), so COCO-sized images (640 x 480) and anything a model sees whole are
+# decoded exactly; a 12000 x 12000 PNG is reduced 3x right after decoding instead of being converted,
+# cached and processed at 144 M pixels.
+MAX_DECODED_PIXELS = 4096 * 4096
+
+
 def read_rgb(path: Path) -> Image.Image:
-    """The data set's reader (whole file decoded now, as RGB); its InputError becomes a per-prompt failure."""
+    """The data set's reader (whole file decoded now, as RGB, within MAX_DECODED_PIXELS); its
+    InputError becomes a per-prompt failure."""
     try:
-        return read_rgb_image(path)
+        return read_rgb_image(path, max_pixels=MAX_DECODED_PIXELS)
     except InputError as error:
         raise UnreadableImage(str(error)) from None
 

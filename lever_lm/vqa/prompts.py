@@ -16,7 +16,7 @@ user template may contain braces), and a question containing "{answer}" is never
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +97,16 @@ def chat_messages(prompt: FewShotPrompt, template: PromptTemplate) -> list[dict]
     return messages
 
 
-def flamingo_text(prompt: FewShotPrompt, template: PromptTemplate) -> str:
-    """The OpenFlamingo prompt string; its `<image>` markers match `prompt.images` in order."""
-    return "".join(FLAMINGO_IMAGE_TOKEN + text for text in shot_texts(prompt, template))
+def flamingo_text(prompt: FewShotPrompt, template: PromptTemplate, escape: Callable[[str], str] = str) -> str:
+    """The OpenFlamingo prompt string; its `<image>` markers match `prompt.images` in order.
+
+    `escape` is applied to every question and answer (not to the template, whose `<|endofchunk|>`
+    is meant): the backend's control-token escape, so that a question holding `<image>` adds no image.
+    """
+    escaped = FewShotPrompt(
+        shots=tuple(
+            Shot(s.image, escape(s.question), None if s.answer is None else escape(s.answer)) for s in prompt.shots
+        ),
+        query=Shot(prompt.query.image, escape(prompt.query.question)),
+    )
+    return "".join(FLAMINGO_IMAGE_TOKEN + text for text in shot_texts(escaped, template))

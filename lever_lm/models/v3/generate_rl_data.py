@@ -6,14 +6,9 @@ only keeps the seed's module path working.
 
 from __future__ import annotations
 
-import os
+from lever_lm.process import apply_process_settings
 
-# Threads that sleep when idle instead of spinning: on a shared CPU, spinning OpenMP threads make
-# the proposal matmuls several times slower. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Cached vision features (long-lived) interleave with the tower's transient activations; expandable
-# segments keep the CUDA allocator from stranding memory in half-used blocks. Read when CUDA initialises.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+apply_process_settings()  # before anything imports torch
 
 from lever_lm.rl.cli import build_parser, main  # noqa: E402
 

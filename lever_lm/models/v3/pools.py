@@ -24,15 +24,12 @@ choose from) is checked for every query up front. `sim` cosines are computed for
 once; like the pointer's scores they are fixed by the block layout, which is part of the run's
 fingerprint.
 
-    python -m lever_lm.models.v3.pools --beam_data B.json --train_ques_path ... --out cache.json \\
-        [--sampler rand|sim --emb E.pt --pool_size 64 --seed 0 --exclude_same_image]
-
-writes a sampler cache in the lineage's format from either sampler (the demo's comes from here).
+The sampler caches themselves come from the lineage's samplers, `lever_lm.models.v3.samplers`
+(stage `sample_pools`), which write them with `save_sampler_cache`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections import Counter
@@ -200,7 +197,7 @@ def load_pools(
         _check_cached_pools_leave_enough(settings.sampler_cache, pools, image_ids, exclude_same_image, shot_num)
         log.info("per-query pools of %d rows from the sampler cache %s", settings.pool_size, settings.sampler_cache)
         return CachedPools(pools, settings.pool_size)
-    _check_enough_rows(queries, image_ids, exclude_same_image, settings.pool_size)
+    check_enough_rows(queries, image_ids, exclude_same_image, settings.pool_size)
     groups = ImageGroups(image_ids, num_items) if exclude_same_image else None
     note = f" (the sampler cache {settings.sampler_cache} is not used)" if settings.sampler_cache else ""
     log.info("per-query pools of %d rows from the %s sampler%s", settings.pool_size, settings.sampler, note)
@@ -253,6 +250,20 @@ def load_sampler_cache(
     return pools
 
 
+def read_sampler_cache(path: Path, num_items: int) -> dict[int, tuple[int, ...]]:
+    """Every pool of a sampler cache, in file order, keyed by query row: its keys must be rows of the
+    training split, and its pools pass `load_sampler_cache`'s checks (their size is the first's)."""
+    cache = read_json(path, unique_keys=True)
+    if not cache:
+        raise InputError(path, "the sampler cache holds no query")
+    for key in cache:
+        if not (key.isascii() and key.isdigit()) or str(int(key)) != key or int(key) >= num_items:
+            raise InputError(path, f"key {key!r} is not a row of the training split (0..{num_items - 1})")
+    first = next(iter(cache.values()))
+    size = len(first) if isinstance(first, list) else 0
+    return load_sampler_cache(path, [int(key) for key in cache], num_items, size)
+
+
 def _check_cached_pools_leave_enough(
     path: Path, pools: dict[int, tuple[int, ...]], image_ids: Sequence[int], exclude_same_image: bool, shot_num: int
 ) -> None:
@@ -269,7 +280,7 @@ def _check_cached_pools_leave_enough(
             )
 
 
-def _check_enough_rows(queries: Sequence[int], image_ids: Sequence[int], exclude_same_image: bool, size: int) -> None:
+def check_enough_rows(queries: Sequence[int], image_ids: Sequence[int], exclude_same_image: bool, size: int) -> None:
     """A sampler needs `size` rows besides the query (and its image's rows) for every query."""
     per_image = Counter(image_ids) if exclude_same_image else None
     for q in queries:
@@ -291,38 +302,3 @@ def save_sampler_cache(pools: dict[int, Sequence[int]], path: Path) -> None:
     lines = ",\n".join(f"{json.dumps(str(q))}: {json.dumps(list(rows))}" for q, rows in pools.items())
     with atomic_output(path) as tmp:
         tmp.write_text("{\n" + lines + "\n}\n", encoding="utf-8")
-
-
-def main(argv: list[str] | None = None) -> None:
-    from lever_lm.data.beam_data import load_beam_data
-    from lever_lm.data.dataset_paths import add_dataset_arguments, dataset_paths_from_args
-    from lever_lm.data.embeddings import load_embeddings
-    from lever_lm.errors import exit_on_input_error
-
-    parser = argparse.ArgumentParser(
-        description="Write a sampler cache ({query row: [pool rows]}, the lineage's format) for the beam data's queries."
-    )
-    add_dataset_arguments(parser)
-    parser.add_argument("--beam_data", type=Path, required=True, help="beam data JSON; its keys are the queries")
-    parser.add_argument("--out", type=Path, required=True, help="sampler cache JSON to write")
-    parser.add_argument("--sampler", choices=SAMPLERS[1:], default="rand", help="how to draw the pools")
-    parser.add_argument("--emb", type=Path, help="embeddings .pt (the sim sampler's cosines)")
-    parser.add_argument("--pool_size", type=int, default=DEFAULT_POOL_SIZE, help="rows per pool")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the rand sampler (per query: seed and query id)")
-    parser.add_argument("--exclude_same_image", action="store_true", help="no row of the query's image in its pool")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    with exit_on_input_error():
-        dataset = dataset_paths_from_args(args).load()
-        queries = load_beam_data(args.beam_data, len(dataset)).query_ids
-        if args.sampler == "sim" and args.emb is None:
-            raise InputError(None, "--sampler sim needs --emb")
-        emb = load_embeddings(args.emb, len(dataset)) if args.emb else torch.zeros(len(dataset), 1)
-        settings = PoolSettings("per_query", args.pool_size, args.sampler)
-        pools = load_pools(settings, queries, 1, dataset.image_ids, args.exclude_same_image, args.seed, emb, emb)
-        save_sampler_cache(dict(zip(queries, pools.pools_of(queries))), args.out)
-        log.info("wrote the %s pools of %d queries to %s", args.sampler, len(queries), args.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,18 +10,20 @@ from lever_lm.rl.blocks import QueryResult
 
 
 class Progress:
-    """Counts finished queries on one bar, with the candidates per second of every worker together."""
+    """Counts finished queries on one bar, with the work per second (candidates, prompts: `unit`) of
+    every worker together."""
 
-    def __init__(self, total: int, enabled: bool = True, workers: int | None = None):
+    def __init__(self, total: int, enabled: bool = True, workers: int | None = None, unit: str = "cand"):
         self.bar = tqdm(total=total, unit="query", disable=not enabled, dynamic_ncols=True)
         self.started = time.time()
-        self.candidates = 0
+        self.work = 0
         self.workers = workers
+        self.unit = unit
 
     def done(self, result: QueryResult) -> None:
-        self.candidates += len(result.entry["pointer_candidates"])
+        self.work += result.work
         self.bar.update(1)
-        postfix = {"cand_per_s": f"{self.candidates / max(time.time() - self.started, 1e-9):.1f}"}
+        postfix = {f"{self.unit}_per_s": f"{self.work / max(time.time() - self.started, 1e-9):.1f}"}
         if self.workers is not None:
             postfix["workers"] = self.workers
         self.bar.set_postfix(postfix)

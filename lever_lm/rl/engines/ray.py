@@ -1,17 +1,26 @@
 """The Ray engine: proposal blocks handed to Ray actors as they free up; the driver journals every result.
 
 Each worker is a Ray actor with one CPU and `--gpus_per_worker` GPUs (fractions pack small models
-on one GPU). It loads the VQA backend once and builds a `BlockScorer` from the run's inputs, which
+on one GPU). It loads the VQA backend once and builds the job's block runner (a `BlockScorer` for
+RL data, a `BeamSearcher` for InfoScore beam data; `lever_lm.rl.job`) from the run's inputs, which
 the driver loaded once and put in Ray's object store: no worker reads the annotations, the
-embeddings or the SFT checkpoint from disk (the images and the VQA model are read where the worker
-runs, so every node needs them at the same paths).
+embeddings or the SFT checkpoint from disk, and the workers of a node share one copy of the
+embeddings and the data set's columns (`for_object_store`). The images and the VQA model are read
+where the worker runs, so every node needs them at the same paths.
 
 The driver hands each block that holds a query to do to whichever worker is free. The worker
-scores it exactly as the local engine does (`BlockScorer.run`), in a thread, and the driver keeps
+runs it exactly as the local engine does (the runner's `run`), in a thread, and the driver keeps
 one call open per worker that returns the queries finished so far; it journals each (append +
-fsync) as it arrives, in whatever order the blocks finish. The final JSON is written in beam-data order from the journal, so the output is
-byte-identical to the local engine's on the same device type, and a killed driver loses only the
-unjournaled part of the blocks in flight: a rerun resumes from the journal.
+fsync) as it arrives, in whatever order the blocks finish. The final JSON is written in beam-data
+order from the journal, and a killed driver loses only the unjournaled part of the blocks in flight:
+a rerun resumes from the journal.
+
+Every worker scores with one batch size and one torch thread count, the journal's pins when it has
+them (`journal.Pins`). A new journal pins what the first worker to load uses; when the batch size
+is left to the free GPU memory, that first worker loads alone and the others then load with its
+batch size. So the output is byte-identical to the local engine's at the same batch size and thread
+count. On a CPU a fresh Ray run uses one thread per worker: it equals a local run with one torch
+thread, not a local run with the machine's default; a resume keeps whatever the journal pinned.
 
 A lost worker (killed, out of host memory, its node gone) costs only the rest of its block: the
 block goes back to the front of the queue without the queries already journaled, and a replacement
@@ -24,6 +33,7 @@ accelerator failure), or a bug. Plain actor calls, not streaming generators, so 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -32,9 +42,11 @@ import re
 import socket
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import ray
 import torch
@@ -48,17 +60,20 @@ from ray.exceptions import (
 )
 
 from lever_lm.errors import InputError
-from lever_lm.rl.blocks import BlockScorer, QueryResult, blocks_of
+from lever_lm.process import apply_process_settings
+from lever_lm.rl.blocks import QueryResult, blocks_of
 from lever_lm.rl.engines.progress import Progress
 from lever_lm.rl.inputs import Inputs
-from lever_lm.rl.request import GenerationRequest
+from lever_lm.rl.job import BlockRunner, JobType, RunnerFactory
+from lever_lm.rl.journal import Pins
+from lever_lm.rl.request import JobOptions
 from lever_lm.vqa.backends import load_backend
 from lever_lm.vqa.backends.base import GenerationAborted
 
 log = logging.getLogger(__name__)
 
 MAX_BLOCK_FAILURES = 3  # lost workers one block may cost before the run stops
-CPUS_PER_WORKER = 1  # and one torch thread: a worker's CPU work is feeding its GPU
+CPUS_PER_WORKER = 1  # and one torch thread, unless the journal pinned more: a worker's CPU work is feeding its GPU
 WAIT_NOTE_SECONDS = 60.0  # how often to say that no worker is running yet
 BLOCK_DONE = "block done"  # what a worker's scoring thread says after the block's last query
 # A worker process that is gone, for whatever reason: its block is retried on another worker.
@@ -72,17 +87,16 @@ class WorkersLost(GenerationAborted):
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker needs besides the inputs: how to load the VQA backend and how to score."""
+    """What a worker needs besides the inputs: how to load the VQA backend and build its block runner."""
 
     vqa_model: str
     model_path: str | None
     config: dict
     batch_size: int | None
-    eval_mode: str
-    gt_prob: bool
+    runner: RunnerFactory  # the job's (`lever_lm.rl.job`): RL data scoring, InfoScore beam search
     device: str  # the worker's own view: Ray shows each worker only its GPUs, so CUDA is cuda:0
-    block_size: int
     threads: int
+    code: tuple[str, ...]  # the job's result code (`JobType.code`), whose digest `expected` holds
     expected: dict  # the driver's code digest and library versions; a worker must match them
 
 
@@ -91,17 +105,17 @@ class BlockWorker:
     driver collects the finished queries, so a slow or distant driver never stalls the scoring."""
 
     def __init__(self) -> None:
-        self.scorer: BlockScorer | None = None
+        self.scorer: BlockRunner | None = None
         self.finished: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
 
-    def setup(self, inputs: Inputs, spec: WorkerSpec) -> dict:
-        """Load the backend (an InputError stops the run); say who and where this worker is."""
+    def setup(self, inputs: Any, spec: WorkerSpec) -> dict:
+        """Load the backend (an InputError stops the run); say who and where this worker is, and how it scores."""
         started = time.time()
-        import lever_lm.models.v3.generate_rl_data  # noqa: F401 -- the generator's process settings, before CUDA starts
-
+        apply_process_settings()  # before CUDA starts (Ray started this process, not an entry point)
         torch.set_num_threads(spec.threads)
-        _check_same_code_and_libraries(spec.expected)
+        _check_same_code_and_libraries(spec.expected, spec.code)
+        inputs = from_object_store(inputs)
         backend = load_backend(
             spec.vqa_model,
             model_path=spec.model_path,
@@ -109,12 +123,13 @@ class BlockWorker:
             config=spec.config,
             batch_size=spec.batch_size,
         )
-        self.scorer = BlockScorer(inputs, backend, spec.eval_mode, spec.device, spec.block_size, spec.gt_prob)
+        self.scorer = spec.runner.build(inputs, backend, spec.device)
         return {
             "node": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
             "gpus": [str(gpu) for gpu in ray.get_gpu_ids()],
             "batch_size": backend.batch_size,
+            "torch_threads": torch.get_num_threads(),
             "load_seconds": round(time.time() - started, 3),
         }
 
@@ -151,13 +166,38 @@ class BlockWorker:
                 return results, False
 
 
-def _check_same_code_and_libraries(expected: dict) -> None:
+def for_object_store(inputs: Any) -> Any:
+    """The inputs as Ray's object store holds them: the embeddings as numpy arrays (one array when
+    both files are the same), which every worker of a node maps read-only from the shared store,
+    where a torch tensor would be unpickled into a private copy per worker. The data set's columns
+    are numpy arrays already (`lever_lm.data.columns`), so inputs without embeddings (the beam data
+    job's: the data set and the pools) go as they are."""
+    if not isinstance(inputs, Inputs):
+        return inputs
+    query = inputs.query_emb.numpy()
+    cand = query if inputs.cand_emb is inputs.query_emb else inputs.cand_emb.numpy()
+    return dataclasses.replace(inputs, query_emb=query, cand_emb=cand)
+
+
+def from_object_store(inputs: Any) -> Any:
+    """The worker's view of `for_object_store`'s inputs: tensors over the shared, read-only arrays
+    (nothing writes to the embeddings)."""
+    if not isinstance(inputs, Inputs):
+        return inputs
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        query = torch.from_numpy(inputs.query_emb)
+        cand = query if inputs.cand_emb is inputs.query_emb else torch.from_numpy(inputs.cand_emb)
+    return dataclasses.replace(inputs, query_emb=query, cand_emb=cand)
+
+
+def _check_same_code_and_libraries(expected: dict, code: Sequence[str]) -> None:
     """A worker with other code or other torch/transformers would mix numerics under one fingerprint."""
     import transformers
 
     from lever_lm.rl.fingerprints import code_digest
 
-    found = {"code": code_digest(), "torch": torch.__version__, "transformers": transformers.__version__}
+    found = {"code": code_digest(code), "torch": torch.__version__, "transformers": transformers.__version__}
     for name, value in expected.items():
         if found[name] != value:
             raise InputError(
@@ -218,7 +258,7 @@ class RayEngine:
     """A run's Ray session: connected and checked before the journal is opened, closed after the run
     (a Ray started here stops with it; a cluster that was joined goes on)."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: JobOptions):
         self.request = request
         self.device = worker_device(request.device)
         cuda = self.device.startswith("cuda")
@@ -240,29 +280,36 @@ class RayEngine:
 
     def run(
         self,
-        inputs: Inputs,
+        inputs: Any,
         settings: dict,
         queries: Sequence[int],
         todo: set[int],
         block_size: int,
         on_result: Callable[[QueryResult], None],
+        job: JobType,
+        batch_size: int | None,
+        torch_threads: int | None,
+        pin: Callable[[Pins], None],
     ) -> dict:
-        """Score every block of `queries` that holds a query of `todo` on the workers; hand each
-        result to `on_result` (the journal) as it arrives. Returns what the meta sidecar records:
-        seconds until the first worker was ready, seconds of scoring after that, each worker's record."""
+        """Run every block of `queries` that holds a query of `todo` on the workers, each building the
+        `job`'s block runner; hand each result to `on_result` (the journal) as it arrives. `batch_size`
+        and `torch_threads` (CPU): the journal's pins, or None to pin (with `pin`) what the first worker
+        uses. Returns what the meta sidecar records: seconds until the first worker was ready, seconds of scoring after
+        that, each worker's record."""
         import transformers
 
         request = self.request
+        on_cpu = self.device == "cpu"
+        threads = torch_threads if on_cpu and torch_threads else CPUS_PER_WORKER
         spec = WorkerSpec(
             vqa_model=request.vqa_model,
             model_path=request.vqa_model_path,
             config=request.config,
-            batch_size=request.batch_size,
-            eval_mode=request.eval_mode,
-            gt_prob=request.gt_prob,
+            batch_size=batch_size,
+            runner=job.runner,
             device=self.device,
-            block_size=block_size,
-            threads=CPUS_PER_WORKER,
+            threads=threads,
+            code=job.code,
             expected={"code": settings["code"], "torch": torch.__version__, "transformers": transformers.__version__},
         )
         blocks = [
@@ -272,20 +319,32 @@ class RayEngine:
         ]
         num_workers = min(self.num_workers, len(blocks))  # a worker without a block would only load a model
         started = time.time()
-        with Progress(len(todo), enabled=request.progress, workers=num_workers) as bar:
+        with Progress(len(todo), enabled=request.progress, workers=num_workers, unit=job.unit) as bar:
 
             def journal_and_count(result: QueryResult) -> None:
                 on_result(result)
                 bar.done(result)
 
-            dispatcher = Dispatcher(ray.put(inputs), spec, self.gpus_per_worker, blocks, journal_and_count)
+            def pin_batch_size(size: int) -> None:
+                pin(Pins(size, threads if on_cpu else None))
+
+            # On CUDA an open batch size comes from each worker's free memory: one worker decides it
+            # for all. On a CPU it is the config's (or the default) in every worker alike.
+            dispatcher = Dispatcher(
+                ray.put(for_object_store(inputs)),
+                spec,
+                self.gpus_per_worker,
+                blocks,
+                journal_and_count,
+                pin_batch_size,
+                load_one_first=spec.batch_size is None and not on_cpu,
+            )
             dispatcher.run(num_workers)
         first_ready = dispatcher.first_ready or started
-        batch_sizes = [w.info["batch_size"] for w in dispatcher.workers if w.info]
         return {
             "name": "ray",
             "gpus_per_worker": self.gpus_per_worker,
-            "batch_size": batch_sizes[0] if batch_sizes else None,
+            "batch_size": dispatcher.spec.batch_size,
             "startup_seconds": round(first_ready - started, 3),
             "scoring_seconds": round(time.time() - first_ready, 3),
             "workers": [worker.record() for worker in dispatcher.workers],
@@ -304,9 +363,21 @@ class RayEngine:
 class Dispatcher:
     """Hands blocks to free workers, collects finished queries, replaces lost workers."""
 
-    def __init__(self, inputs_ref, spec: WorkerSpec, gpus_per_worker: float, blocks: list[Block], on_result: Callable):
+    def __init__(
+        self,
+        inputs_ref,
+        spec: WorkerSpec,
+        gpus_per_worker: float,
+        blocks: list[Block],
+        on_result: Callable,
+        pin_batch_size: Callable[[int], None],
+        load_one_first: bool = False,
+    ):
         self.inputs_ref = inputs_ref
-        self.spec = spec
+        self.spec = spec  # its batch_size is None until the first worker has chosen one
+        self.pin_batch_size = pin_batch_size  # the journal's `pin`: refuses a batch size other than its own
+        self.load_one_first = load_one_first  # the others load once the first has chosen the batch size
+        self.num_workers = 0
         self.actor_class = ray.remote(BlockWorker).options(num_cpus=CPUS_PER_WORKER, num_gpus=gpus_per_worker)
         self.pending: deque[Block] = deque(blocks)
         self.on_result = on_result
@@ -317,8 +388,7 @@ class Dispatcher:
 
     def run(self, num_workers: int) -> None:
         try:
-            for _ in range(num_workers):
-                self.start_worker()
+            self.start_workers(num_workers)
             while self.pending or any(w.block is not None for w in self.workers):
                 self.hand_out()
                 ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=WAIT_NOTE_SECONDS)
@@ -342,6 +412,11 @@ class Dispatcher:
             for worker in self.workers:
                 ray.kill(worker.actor)
 
+    def start_workers(self, num_workers: int) -> None:
+        self.num_workers = num_workers
+        for _ in range(1 if self.load_one_first else num_workers):
+            self.start_worker()
+
     def start_worker(self) -> None:
         worker = Worker(len(self.workers), self.actor_class.remote())
         self.workers.append(worker)
@@ -350,6 +425,11 @@ class Dispatcher:
     def ready(self, worker: Worker, info: dict) -> None:
         worker.info = info
         self.first_ready = self.first_ready or time.time()
+        self.pin_batch_size(info["batch_size"])
+        if self.spec.batch_size is None:
+            self.spec = replace(self.spec, batch_size=info["batch_size"])
+        while sum(1 for w in self.workers if w.lost is None) < self.num_workers:
+            self.start_worker()  # with the batch size decided
         log.info(
             "Ray worker %d ready on %s: pid %d, GPUs %s, batch size %d, loaded in %.1fs",
             worker.number,
@@ -381,7 +461,7 @@ class Dispatcher:
         for result in results:
             block.todo.discard(result.query_idx)
             worker.queries += 1
-            worker.candidates += len(result.entry["pointer_candidates"])
+            worker.candidates += result.work
             self.on_result(result)
 
     def replace(self, worker: Worker, error: BaseException) -> None:

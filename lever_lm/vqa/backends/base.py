@@ -56,6 +56,21 @@ class Generation:
         return cls(raw="", answer="", error=reason)
 
 
+@dataclass(frozen=True)
+class ReplyScores:
+    """A prompt's replies scored by teacher forcing alone (no generation): for each reply, in order,
+    the natural log of its probability (its tokens and the end-of-turn token, as in
+    `Generation.reply_logprobs`) and how many tokens that is; or why there are none."""
+
+    logprobs: tuple[float, ...] = ()
+    token_counts: tuple[int, ...] = ()
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, reason: str) -> ReplyScores:
+        return cls(error=reason)
+
+
 class VQABackend(Protocol):
     """What the RL generator codes against."""
 
@@ -74,6 +89,12 @@ class VQABackend(Protocol):
         `replies`, one entry per prompt (None: none): the strings whose log-probabilities the prompt's
         Generation carries in `reply_logprobs`. Asking for them never changes an answer.
         """
+        ...
+
+    def score_replies(self, prompts: Sequence[FewShotPrompt], replies: Sequence[Sequence[str]]) -> list[ReplyScores]:
+        """One ReplyScores per prompt, same order: the teacher-forced likelihood of each of
+        `replies[i]` after `prompts[i]` (the path `generate` uses for `reply_logprobs`), without
+        generating; batched like `generate`, a failing prompt fails alone."""
         ...
 
     def prefetch(self, prompts: Sequence[FewShotPrompt]) -> None:
@@ -279,7 +300,7 @@ class BatchRunner:
                 return work()
             except Exception as error:  # noqa: BLE001 -- sorted below; the rest is re-raised
                 if is_accelerator_failure(error):
-                    raise AcceleratorFailure(_accelerator_message(error)) from error
+                    raise AcceleratorFailure(accelerator_message(error)) from error
                 if not is_out_of_memory(error):
                     raise
                 reason = short_error(error)
@@ -312,7 +333,7 @@ class BatchRunner:
             return list(run(batch))
         except Exception as error:  # noqa: BLE001 -- a prompt's failure must not stop the other candidates
             if is_accelerator_failure(error):
-                raise AcceleratorFailure(_accelerator_message(error)) from error
+                raise AcceleratorFailure(accelerator_message(error)) from error
             failure = (is_out_of_memory(error), short_error(error))
         # Past the except block, the traceback and the failed call's tensors are released.
         out_of_memory, reason = failure
@@ -350,7 +371,8 @@ class BatchRunner:
         )
 
 
-def _accelerator_message(error: BaseException) -> str:
+def accelerator_message(error: BaseException) -> str:
+    """What an `AcceleratorFailure` says (the backends' and the pointer's alike)."""
     return (
         f"the accelerator failed ({short_error(error)}); every later call on it would fail too, so the run stops "
         "here. The queries journaled so far are kept: fix or change the device, then rerun to resume"

@@ -9,6 +9,8 @@ thread-safe; `_image_entry`, on the device: e.g. vision features). This class do
 * `generate` cuts the prompts into batches of `batch_size` and hands each to the `BatchRunner`:
   out of memory halves the batch, an accelerator error stops the run, a failing prompt fails alone,
   whole batches failing trip the circuit breaker (`base.BatchRunner`);
+* `score_replies` batches the same way, with `_score_texts` in place of `_generate_texts`: the
+  replies' teacher-forced likelihoods alone, no generation (InfoScore needs only those);
 * an unreadable image fails only the prompts that show it;
 * `prefetch` prepares a block's new images before `generate` needs them: reading, decoding and
   `_process_image` in threads, `_image_entry` one image at a time in first-use order (so an
@@ -35,6 +37,7 @@ from lever_lm.vqa.backends.base import (
     Failed,
     Generation,
     GenerationAborted,
+    ReplyScores,
 )
 from lever_lm.vqa.backends.memory import resolve_memory_settings
 from lever_lm.vqa.images import ImageCache, UnreadableImage, nbytes
@@ -107,11 +110,14 @@ class BatchedBackend:
         """
         if replies is not None and len(replies) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
-        results: list[Generation | None] = [None] * len(prompts)
-        size = self.batch_size
-        for start in range(0, len(prompts), size):
-            self._generate_chunk(prompts, range(start, min(start + size, len(prompts))), results, replies)
-        return results  # type: ignore[return-value]
+        return self._run_chunks(prompts, replies, self._generate_texts, Generation.failed)
+
+    def score_replies(self, prompts: Sequence[FewShotPrompt], replies: Sequence[Sequence[str]]) -> list[ReplyScores]:
+        """One ReplyScores per prompt, same order: each reply's teacher-forced log-probability, without
+        generating (`_score_texts`); batches, failures and the image cache as in `generate`."""
+        if len(replies) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
+        return self._run_chunks(prompts, replies, self._score_texts, ReplyScores.failed)
 
     @property
     def batch_size(self) -> int:
@@ -119,24 +125,32 @@ class BatchedBackend:
 
     # -- batching ------------------------------------------------------------------------------
 
-    def _generate_chunk(self, prompts: Sequence[FewShotPrompt], indices: range, results: list, replies=None) -> None:
+    def _run_chunks(self, prompts: Sequence[FewShotPrompt], replies, run: Callable, failed: Callable) -> list:
+        """`run` (one outcome per prepared prompt) over chunks of `batch_size` prompts; `failed(reason)`
+        for a prompt that could not be prepared or run."""
+        results: list = [None] * len(prompts)
+        size = self.batch_size
+        for start in range(0, len(prompts), size):
+            self._run_chunk(prompts, range(start, min(start + size, len(prompts))), results, replies, run, failed)
+        return results
+
+    def _run_chunk(self, prompts, indices: range, results: list, replies, run: Callable, failed: Callable) -> None:
         ready: list[tuple[int, Any]] = []  # (prompt index, what `_prepare` made of it)
         for i in indices:
             try:
                 ready.append((i, self._prepare(prompts[i], None if replies is None else replies[i])))
             except UnreadableImage as error:
-                results[i] = Generation.failed(str(error))
+                results[i] = failed(str(error))
             except (GenerationAborted, DeviceOutOfMemory):
                 raise
             except Exception as error:  # noqa: BLE001 -- e.g. an image the processor rejects: this prompt only
-                results[i] = Generation.failed(f"preparing the prompt failed: {type(error).__name__}: {error}")
+                results[i] = failed(f"preparing the prompt failed: {type(error).__name__}: {error}")
         if ready:
             started = time.perf_counter()
-            outcomes = self.batch_runner.run_with_retry([prepared for _, prepared in ready], self._generate_texts)
+            outcomes = self.batch_runner.run_with_retry([prepared for _, prepared in ready], run)
             self.work.generate_s += time.perf_counter() - started
             for (i, _), outcome in zip(ready, outcomes):
-                failed = isinstance(outcome, Failed)
-                results[i] = Generation.failed(outcome.reason) if failed else outcome
+                results[i] = failed(outcome.reason) if isinstance(outcome, Failed) else outcome
         self.work.prompts += len(indices)
         self.batch_runner.observe([results[i].error for i in indices])
 
@@ -225,6 +239,10 @@ class BatchedBackend:
 
     def _generate_texts(self, batch: list) -> list[Generation]:
         """One `Generation` per prepared prompt of the batch, same order."""
+        raise NotImplementedError
+
+    def _score_texts(self, batch: list) -> list[ReplyScores]:
+        """One `ReplyScores` per prepared prompt of the batch (its replies' tokens prepared), same order."""
         raise NotImplementedError
 
     def _process_image(self, image):

@@ -1,7 +1,8 @@
 """Chat prompts to text and token ids, with the user's strings always plain text, and the tokens of a reply.
 
 Both chat backends render a prompt with the model's chat template and tokenise the result. Two
-things need care there.
+things need care there. (The first alone, `ControlTokenText`, serves OpenFlamingo too: its prompt is
+text around `<image>` and `<|endofchunk|>` markers, which a question or an answer must not add.)
 
 **The user's strings never become control tokens.** A question, an answer, a template or the
 system prompt may contain the text of an added token: `<|image_pad|>`, `<|im_end|>`, ... A
@@ -51,12 +52,13 @@ class ReplyEncodingError(ValueError):
     """The chat template does not render a reply so that its tokens can be told apart exactly."""
 
 
-class ChatEncoder:
-    """A processor's chat template and tokenizer, used so that user strings stay plain text (see the module doc)."""
+class ControlTokenText:
+    """A tokenizer whose user strings stay plain text: control-token texts in them are escaped, and
+    escaped texts are tokenised as plain text (see the module doc). OpenFlamingo's prompts use it
+    alone; the chat backends through `ChatEncoder`."""
 
-    def __init__(self, processor):
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         added = self.tokenizer.get_added_vocab()  # text -> id
         controls = sorted(text for text in added if text and not text.isspace())
         self.control_ids = {text: added[text] for text in controls}
@@ -74,8 +76,6 @@ class ChatEncoder:
             getattr(token, name, False) for token in flags for name in ("lstrip", "rstrip", "single_word")
         )
         self._framing: tuple[list[int], list[int]] | None = None
-        self._verbatim: bool | None = None
-        self._processor_with_escapes = None
 
     # -- user strings ----------------------------------------------------------------------------
 
@@ -88,24 +88,6 @@ class ChatEncoder:
                 "which marks control-token text; remove it"
             )
         return self._control.sub(lambda match: self._escape_of[match.group()], text)
-
-    def escape_messages(self, messages: list[dict]) -> list[dict]:
-        """A copy of chat messages with every text escaped (roles and entry types are the template's)."""
-        out = []
-        for message in messages:
-            content = message["content"]
-            if isinstance(content, str):
-                content = self.escape(content)
-            else:
-                content = [
-                    {**entry, "text": self.escape(entry["text"])} if "text" in entry else entry for entry in content
-                ]
-            out.append({**message, "content": content})
-        return out
-
-    def render_prompt(self, messages: list[dict]) -> str:
-        """The chat text with the generation prompt, user strings escaped."""
-        return self._render(self.escape_messages(messages), add_generation_prompt=True)
 
     def has_escapes(self, text: str) -> bool:
         return self._escapes.search(text) is not None
@@ -166,6 +148,34 @@ class ChatEncoder:
             start = next(i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain)
             self._framing = (framed[:start], framed[start + len(plain) :])
         return self._framing
+
+
+class ChatEncoder(ControlTokenText):
+    """A processor's chat template and tokenizer, used so that user strings stay plain text (see the module doc)."""
+
+    def __init__(self, processor):
+        super().__init__(processor.tokenizer)
+        self.processor = processor
+        self._verbatim: bool | None = None
+        self._processor_with_escapes = None
+
+    def escape_messages(self, messages: list[dict]) -> list[dict]:
+        """A copy of chat messages with every text escaped (roles and entry types are the template's)."""
+        out = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str):
+                content = self.escape(content)
+            else:
+                content = [
+                    {**entry, "text": self.escape(entry["text"])} if "text" in entry else entry for entry in content
+                ]
+            out.append({**message, "content": content})
+        return out
+
+    def render_prompt(self, messages: list[dict]) -> str:
+        """The chat text with the generation prompt, user strings escaped."""
+        return self._render(self.escape_messages(messages), add_generation_prompt=True)
 
     def processor_for(self, texts: Sequence[str]):
         """The processor to run on `texts`: itself, or, when a text holds escapes, a copy whose tokenizer

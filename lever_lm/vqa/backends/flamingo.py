@@ -8,15 +8,20 @@
 
 Each prompt is `<image>Question:{q} Short answer:{a}<|endofchunk|>` per ICD, then the query
 (`prompts.flamingo_text`, template from `vqa_model`), decoded with the project's settings (3 beams,
-5 new tokens, no length penalty) until `<|endofchunk|>`. Per distinct image the CLIP tower and the
+5 new tokens, no length penalty) until `<|endofchunk|>`. Questions and answers are plain text: a
+question holding `<image>` or `<|endofchunk|>` is tokenised as those characters, never as the
+markers (`chat_encoding.ControlTokenText`, as in the chat backends). Per distinct image the CLIP tower and the
 perceiver run once; the cache keeps the 64 resampled latents on the model's device. A batch then
 only tokenizes (left padding), stacks each prompt's latents and calls `generate`.
 
 Asked for replies (`generate(prompts, replies)`, for `vqa_gt_prob`), each prompt's Generation
 also carries the teacher-forced log-probability of each reply: its tokens, then `<|endofchunk|>`
-(how the ICDs show an answer), after the prompt's tokens exactly as generation read them. That is
-one forward pass of `OpenFlamingo` per distinct (prompt, reply), batched: unlike the chat backends
-no cache is shared, so it costs about one prefill per reply.
+(how the ICDs show an answer), after the prompt's tokens exactly as generation read them.
+`score_replies` gives the same without generating (InfoScore). The rows (prompt + reply) of a
+batch go through `OpenFlamingo` together; the tokens they all start with (the ICDs a beam already
+holds, for InfoScore) run once, and each row's rest continues from a copy of that cache. Unlike
+the chat backends no cache is shared with generation, so a reply costs about its prompt's unshared
+part.
 """
 
 from __future__ import annotations
@@ -28,15 +33,19 @@ from pathlib import Path
 import torch
 
 from lever_lm.errors import InputError
-from lever_lm.vqa.backends.base import Generation, default_dtype, describe_numerics, resolve_device
+from lever_lm.vqa.backends.base import Generation, ReplyScores, default_dtype, describe_numerics, resolve_device
 from lever_lm.vqa.backends.batched import BatchedBackend
+from lever_lm.vqa.backends.chat_encoding import ControlTokenText
+from lever_lm.vqa.backends.shared_prefix import shared_prefix_length
 from lever_lm.vqa.flamingo.generation import FlamingoForGeneration
 from lever_lm.vqa.flamingo.loading import LoadedFlamingo, clip_pixels, load_openflamingo, locate_files
+from lever_lm.vqa.flamingo.model import FlamingoCache
 from lever_lm.vqa.model_config import VQAModelSettings, resolve_settings
 from lever_lm.vqa.prompts import FewShotPrompt, flamingo_text
 
 NAME = "flamingo_3B"
 FAMILY = "flamingo"
+MIN_SHARED_PREFIX = 2  # tokens; below this the extra forward call costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class PreparedPrompt:
     text: str
     media: tuple[torch.Tensor, ...]
     reply_tokens: tuple[tuple[int, ...], ...] | None = None
+    image_paths: tuple[Path, ...] = ()  # which pictures `media` are (a shared prefix must show the same ones)
 
 
 class FlamingoBackend(BatchedBackend):
@@ -55,6 +65,7 @@ class FlamingoBackend(BatchedBackend):
     def __init__(self, name: str, loaded: LoadedFlamingo, settings: VQAModelSettings, device: torch.device, path: Path):
         super().__init__(name, loaded.model, settings, device, path)
         self.tokenizer = loaded.tokenizer
+        self.text = ControlTokenText(loaded.tokenizer)
         self.image_size = loaded.image_size
         self.media_token_id = loaded.media_token_id
         self.eoc_token_id = loaded.eoc_token_id
@@ -66,17 +77,17 @@ class FlamingoBackend(BatchedBackend):
         }
 
     def _prepare(self, prompt: FewShotPrompt, replies: Sequence[str] | None = None) -> PreparedPrompt:
-        text = flamingo_text(prompt, self.settings.prompt)
+        text = flamingo_text(prompt, self.settings.prompt, escape=self.text.escape)
         media = tuple(self.image_cache.get(path) for path in prompt.images)
-        return PreparedPrompt(text=text, media=media, reply_tokens=self._reply_tokens(replies))
+        reply_tokens = self._reply_tokens(replies)
+        return PreparedPrompt(text=text, media=media, reply_tokens=reply_tokens, image_paths=prompt.images)
 
     def _reply_tokens(self, replies: Sequence[str] | None) -> tuple[tuple[int, ...], ...] | None:
         """A reply as the model would write it after `Short answer:`: its own tokens, then the end of
         the chunk (the ICDs show answers that way: `Short answer:{a}<|endofchunk|>`)."""
         if replies is None:
             return None
-        encode = self.tokenizer
-        return tuple(tuple(encode(r, add_special_tokens=False)["input_ids"]) + (self.eoc_token_id,) for r in replies)
+        return tuple(tuple(self.text.encode(self.text.escape(r))) + (self.eoc_token_id,) for r in replies)
 
     def _process_image(self, image) -> torch.Tensor:
         """Host side (thread-safe): CLIP's resize, crop and normalisation, [3, H, W]."""
@@ -97,44 +108,82 @@ class FlamingoBackend(BatchedBackend):
         texts = self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
         return [Generation.from_raw(text, reply_logprobs=scores) for text, scores in zip(texts, logprobs)]
 
+    def _score_texts(self, batch: list[PreparedPrompt]) -> list[ReplyScores]:
+        """Each prompt's replies scored by teacher forcing (`_score_rows`), no generation."""
+        inputs = self._encode(batch)
+        with torch.inference_mode():
+            logprobs = self._reply_logprobs(batch, inputs)
+        return [
+            ReplyScores(scores, tuple(len(tokens) for tokens in prepared.reply_tokens))
+            for prepared, scores in zip(batch, logprobs)
+        ]
+
     def _reply_logprobs(self, batch: list[PreparedPrompt], inputs: dict) -> list:
-        """Per prompt: the log-probability of each reply after it, by teacher forcing (one forward pass
-        over prompt + reply per distinct reply, the prompt's tokens exactly as generation read them)."""
+        """Per prompt: the log-probability of each reply after it, by teacher forcing (prompt + reply
+        per distinct reply, the prompt's tokens exactly as generation read them; `_score_rows`)."""
         rows = list(dict.fromkeys((b, tokens) for b, p in enumerate(batch) for tokens in p.reply_tokens or ()))
         scores: dict[tuple[int, tuple[int, ...]], float] = {}
         step = max(1, len(batch) * self.generation_kwargs.get("num_beams", 1))
         for start in range(0, len(rows), step):
-            scores.update(zip(rows[start : start + step], self._score_rows(rows[start : start + step], inputs)))
+            chunk = rows[start : start + step]
+            scores.update(zip(chunk, self._score_rows(chunk, inputs, [batch[b].image_paths for b, _ in chunk])))
         return [
             None if p.reply_tokens is None else tuple(scores[(b, tokens)] for tokens in p.reply_tokens)
             for b, p in enumerate(batch)
         ]
 
-    def _score_rows(self, rows: list[tuple[int, tuple[int, ...]]], inputs: dict) -> list[float]:
-        """Sum of the reply tokens' log-probabilities for each (prompt row, reply tokens), one batch."""
-        sequences = []
-        for b, tokens in rows:
-            prompt = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
-            sequences.append(torch.cat([prompt, torch.tensor(tokens, device=self.device)]))
-        width = max(len(seq) for seq in sequences)
-        ids = torch.full((len(rows), width), self.generation_kwargs["pad_token_id"], device=self.device)
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
-        for r, seq in enumerate(sequences):
-            ids[r, width - len(seq) :] = seq
-            mask[r, width - len(seq) :] = 1
+    def _score_rows(self, rows: list[tuple[int, tuple[int, ...]]], inputs: dict, images: list) -> list[float]:
+        """Sum of the reply tokens' log-probabilities for each (prompt row, reply tokens), one batch.
+
+        Each row is its prompt's tokens and the reply's, right-padded. The tokens every row starts
+        with (up to each prompt's last token, showing the same images: `shared_prefix`) run once,
+        for one row, and the rows' rests continue from copies of that cache. Right padding keeps
+        the columns of every real token as they are without padding: MPT's ALiBi counts distance
+        in columns, so padding between real tokens would change the scores.
+        """
+        pad = self.generation_kwargs["pad_token_id"]
+        prompts = [inputs["input_ids"][b][inputs["attention_mask"][b].bool()] for b, _ in rows]
+        sequences = [torch.cat([p, torch.tensor(tokens, device=self.device)]) for p, (_, tokens) in zip(prompts, rows)]
         picks = torch.tensor([b for b, _ in rows], device=self.device)
-        logits = self.model(ids, mask, inputs["media"][picks], inputs["media_mask"][picks])
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        media, media_mask = inputs["media"][picks], inputs["media_mask"][picks]
+        length = self._shared_length(prompts, images)
+        cache = None
+        if length:
+            cache = FlamingoCache()
+            self.model(sequences[0][None, :length], torch.ones_like(sequences[0][None, :length]), media[:1],
+                       media_mask[:1], cache)  # fmt: skip
+            cache.batch_repeat_interleave(len(rows))
+        width = max(len(seq) for seq in sequences) - length
+        ids = torch.full((len(rows), width), pad, device=self.device)
+        mask = torch.zeros((len(rows), length + width), dtype=torch.long, device=self.device)
+        mask[:, :length] = 1
+        for r, seq in enumerate(sequences):
+            ids[r, : len(seq) - length] = seq[length:]
+            mask[r, length : len(seq)] = 1
+        logprobs = torch.log_softmax(self.model(ids, mask, media, media_mask, cache).float(), dim=-1)
         out = []
-        for r, (_, tokens) in enumerate(rows):
-            n = len(tokens)
-            predicted = logprobs[r, width - n - 1 : width - 1]  # the logits before each reply token
-            out.append(float(predicted.gather(1, ids[r, width - n :, None]).sum()))
+        for r, (seq, (_, tokens)) in enumerate(zip(sequences, rows)):
+            end, n = len(seq) - length, len(tokens)
+            predicted = logprobs[r, end - n - 1 : end - 1]  # the logits before each reply token
+            out.append(float(predicted.gather(1, ids[r, end - n : end, None]).sum()))
         return out
+
+    def _shared_length(self, prompts: list[torch.Tensor], images: list) -> int:
+        """The tokens the rows' prompts all start with and that can run once (`shared_prefix`), or 0."""
+        if len(prompts) < 2:
+            return 0
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for r, prompt in enumerate(prompts):
+            ids[r, width - len(prompt) :] = prompt
+            mask[r, width - len(prompt) :] = 1
+        length = shared_prefix_length(ids, mask, ids == self.media_token_id, images)
+        return length if length >= MIN_SHARED_PREFIX else 0
 
     def _encode(self, batch: list[PreparedPrompt]) -> dict:
         """Left-padded token ids, and each prompt's image latents padded to the batch's most images."""
-        tokens = self.tokenizer([prepared.text for prepared in batch], padding=True, return_tensors="pt")
+        tokens = self.text.tokenize([prepared.text for prepared in batch], padding=True, return_tensors="pt")
         input_ids = tokens["input_ids"]
         counts = (input_ids == self.media_token_id).sum(dim=1).tolist()
         for prepared, count in zip(batch, counts):

@@ -19,6 +19,8 @@ without replies, so the answers are the same; then the prompts' part of the KV c
 leaves (every beam row of a prompt holds the same prompt) is cut back to each prompt but its last
 token, and all the batch's replies are scored as one batch of continuations from it. The prompts
 are read once, by generation, and the likelihoods cost only the replies' own tokens.
+`score_replies(prompts, replies)` gives the same likelihoods without generating (InfoScore needs
+only those): the prompts are prefilled, then the replies continue from that cache as above.
 
 This class is also the base of the Qwen2.5-VL backend, which overrides how a batch is encoded
 (`_prepare_image`, `_encode`) and turns `share_prefill` on.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ import torch
 from lever_lm.errors import InputError
 from lever_lm.vqa.backends.base import (
     Generation,
+    ReplyScores,
     bind_device,
     default_dtype,
     describe_numerics,
@@ -53,6 +56,7 @@ from lever_lm.vqa.prompts import FewShotPrompt, chat_messages
 log = logging.getLogger(__name__)
 NAME = "hf_image_text_to_text"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+NO_REPLY_TOKENS = "the chat template does not let the reply's tokens be told apart (see the warning)"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class PreparedPrompt:
     text: str  # control-token text inside the user's strings escaped (chat_encoding)
     images: tuple[Any, ...]
     reply_tokens: tuple[tuple[int, ...], ...] | None = None
+    image_paths: tuple[Path, ...] = ()  # which pictures `images` are (a shared prefix must show the same ones)
 
 
 class ImageTextToTextBackend(BatchedBackend):
@@ -91,7 +96,8 @@ class ImageTextToTextBackend(BatchedBackend):
         messages = chat_messages(prompt, self.settings.prompt)
         text = self.chat.render_prompt(messages)
         images = tuple(self.image_cache.get(path) for path in prompt.images)
-        return PreparedPrompt(text=text, images=images, reply_tokens=self._reply_tokens(messages, text, replies))
+        reply_tokens = self._reply_tokens(messages, text, replies)
+        return PreparedPrompt(text=text, images=images, reply_tokens=reply_tokens, image_paths=prompt.images)
 
     def _reply_tokens(self, messages: list[dict], text: str, replies: Sequence[str] | None):
         """Each reply's tokens, or None (with a warning, once per reason) when they cannot be told apart."""
@@ -123,10 +129,39 @@ class ImageTextToTextBackend(BatchedBackend):
                 output = self.model.generate(**text_inputs, **{self._cache_argument: cache}, **generation_kwargs)
             else:
                 output = self.model.generate(**inputs, **generation_kwargs)
-            logprobs = self._reply_logprobs(batch, inputs, output, max_rows=len(batch) * beams)
+            logprobs = self._reply_logprobs(
+                batch, lambda: (self._generation_cache(output, inputs), inputs), max_rows=len(batch) * beams
+            )
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [Generation.from_raw(text, reply_logprobs=scores) for text, scores in zip(texts, logprobs)]
+
+    def _score_texts(self, batch: list[PreparedPrompt]) -> list[ReplyScores]:
+        """Each prompt's replies scored by teacher forcing, no generation: the prompts are prefilled
+        (`_scoring_prefill`: their common prefix once where the backend can) and the replies
+        continue from that cache, exactly as after generation (`reply_likelihood`)."""
+        inputs = self._encode(batch)
+        with torch.inference_mode():
+            logprobs = self._reply_logprobs(batch, lambda: self._scoring_prefill(inputs, batch), max_rows=len(batch))
+        return [
+            ReplyScores.failed(NO_REPLY_TOKENS)
+            if scores is None
+            else ReplyScores(scores, tuple(len(tokens) for tokens in prepared.reply_tokens))
+            for prepared, scores in zip(batch, logprobs)
+        ]
+
+    def _generation_cache(self, output, inputs: dict):
+        """The prompts' cache that generation left, cut back; a prefill of their own when it cannot be."""
+        cache = prompt_cache(output, inputs["input_ids"].shape)
+        return cache if cache is not None else self._prefill(inputs)
+
+    def _scoring_prefill(self, inputs: dict, batch: list[PreparedPrompt]) -> tuple[Any, dict]:
+        """The prefill `_score_texts` continues from, and the inputs in that cache's layout. Here the
+        plain prefill of every prompt: for an arbitrary chat VLM the processor lays out a batch's
+        pixels in a model-specific way that cannot be split per image, and models place positions by
+        rules of their own. The Qwen2.5-VL backend, which holds each image's features and knows
+        its positions, runs the batch's common prefix once."""
+        return self._prefill(inputs), inputs
 
     def _prefill(self, inputs: dict):
         """The KV cache of each prompt but its last token: images, cache and the model's position offsets
@@ -135,17 +170,17 @@ class ImageTextToTextBackend(BatchedBackend):
         output = self.model(**prefix, use_cache=True, **self._prefill_kwargs)
         return getattr(output, self._cache_argument)
 
-    def _reply_logprobs(self, batch: list[PreparedPrompt], inputs: dict, output, max_rows: int) -> list:
+    def _reply_logprobs(self, batch: list[PreparedPrompt], prefill: Callable[[], tuple], max_rows: int) -> list:
         """Per prompt: its replies' log-probabilities in order, or None when none were asked (or possible).
-        Each distinct (prompt, reply tokens) is scored once; the prompts' cache is generation's, cut back
-        (or, for a cache that cannot be cut back, a prefill of its own)."""
+        Each distinct (prompt, reply tokens) is scored once, continuing from the prompts' cache that
+        `prefill()` gives with the inputs in its layout (made only when there is a reply to score)."""
         rows = list(dict.fromkeys((b, tokens) for b, p in enumerate(batch) for tokens in p.reply_tokens or ()))
         scores = []
         if rows:
-            cache = prompt_cache(output, inputs["input_ids"].shape)
+            cache, inputs = prefill()
             scores = reply_logprobs(
                 self.model,
-                cache if cache is not None else self._prefill(inputs),
+                cache,
                 inputs,
                 rows,
                 cache_argument=self._cache_argument,

@@ -31,6 +31,11 @@ both ways; on a GPU in bf16 the last prompt token runs as a cached one-token ste
 so rare near-ties can flip: the GPU check measures the agreement). Reply likelihoods
 (`generate(prompts, replies)`) continue from the prompts' part of that same cache, so they cost
 only the replies' own tokens (see `image_text_to_text`).
+
+Scoring replies without generating (`score_replies`, InfoScore) prefills the prompts itself, and
+runs the prefix every prompt of the batch shares -- the system turn and, for one beam's
+expansions, the ICDs the beam holds, images included -- once (`shared_prefix`): with 2 shots, at
+the second step, the system turn and the first of the prompt's three images and texts.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,9 +59,12 @@ from lever_lm.vqa.backends.image_text_to_text import (
     model_type,
 )
 from lever_lm.vqa.backends.processor import IMAGE_PROCESSOR
+from lever_lm.vqa.backends.reply_likelihood import TEXT_KEYS
+from lever_lm.vqa.backends.shared_prefix import images_in_prefix, prefix_first, shared_prefix_length
 from lever_lm.vqa.model_config import resolve_settings
 
 NAME = "qwen2.5_vl_3B"
+MIN_SHARED_PREFIX = 2  # tokens; below this the extra forward call costs more than it saves
 HF_REPO_ID = "Qwen/Qwen2.5-VL-3B-Instruct"
 MODEL_TYPES = ("qwen2_5_vl",)
 
@@ -73,13 +82,21 @@ class QwenImage:
 class Qwen2_5_VLBackend(ImageTextToTextBackend):
     """See the module doc."""
 
-    def __init__(self, *args, precompute_vision: bool | None = None, share_prefill: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        precompute_vision: bool | None = None,
+        share_prefill: bool = True,
+        share_prefix: bool = True,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         forward_parameters = inspect.signature(self.model.forward).parameters
         if precompute_vision is None:
             precompute_vision = "mm_encoder_outputs" in forward_parameters
         self.precompute_vision = precompute_vision
         self.share_prefill = share_prefill
+        self.share_prefix = share_prefix  # teacher-forced scoring runs a batch's common prefix once
         self.image_token = self.processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_size = self.processor.image_processor.merge_size
@@ -131,6 +148,57 @@ class Qwen2_5_VLBackend(ImageTextToTextBackend):
             pixels = torch.cat([image.pixel_values for image in images])
             inputs["pixel_values"] = pixels.to(device=self.device, dtype=self.model.dtype)
         return inputs
+
+    def _scoring_prefill(self, inputs: dict, batch: list[PreparedPrompt]) -> tuple[Any, dict]:
+        """The prefill for teacher-forced scoring, the batch's common prefix run once (`shared_prefix`).
+
+        The prefix (one row, with its images' features) and then every row's rest (from a copy of
+        the prefix's cache, with the rest's images) run at the 3D positions the model computes for
+        the whole rows; the position offsets the model keeps for the steps that follow
+        (`rope_deltas`) are set from those rows, as its own prefill sets them. Without cached
+        vision features, or with nothing shared, it is the plain prefill.
+        """
+        length = 0
+        if self.share_prefix and self.precompute_vision and len(batch) > 1:
+            text = {key: inputs[key][:, :-1] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            images = [prepared.image_paths for prepared in batch]
+            length = shared_prefix_length(text["input_ids"], text["attention_mask"], text["mm_token_type_ids"], images)
+        if length < MIN_SHARED_PREFIX:
+            return self._prefill(inputs), inputs
+        inputs = prefix_first(inputs, TEXT_KEYS, length)
+        return self._prefix_prefill(inputs, [len(prepared.images) for prepared in batch], length), inputs
+
+    def _prefix_prefill(self, inputs: dict, image_counts: list[int], length: int):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        core = self.model.model
+        ids, mask, types = (inputs[key][:, :-1] for key in ("input_ids", "attention_mask", "mm_token_type_ids"))
+        positions, deltas = core.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=inputs["image_grid_thw"], attention_mask=mask
+        )
+        features = inputs["mm_encoder_outputs"]["image"].pooler_output  # every row's images, row by row
+        shared = images_in_prefix(types[0], length)
+        starts = [sum(image_counts[:b]) for b in range(len(image_counts))]
+        rest = [features[start + i] for start, count in zip(starts, image_counts) for i in range(shared, count)]
+
+        def run(rows: slice, columns: slice, images: list, cache=None):
+            encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(images))} if images else None
+            output = self.model(
+                input_ids=ids[rows, columns],
+                attention_mask=mask[rows, : columns.stop],
+                position_ids=positions[:, rows, columns],
+                mm_encoder_outputs=encoded,
+                use_cache=True,
+                **({self._cache_argument: cache} if cache is not None else {}),
+                **self._prefill_kwargs,
+            )
+            return getattr(output, self._cache_argument)
+
+        cache = run(slice(0, 1), slice(0, length), list(features[:shared]))
+        cache.batch_repeat_interleave(len(image_counts))
+        cache = run(slice(None), slice(length, ids.shape[1]), rest, cache)
+        core.rope_deltas = deltas  # what the model's own prefill leaves for the tokens that follow
+        return cache
 
     def _expand_image_tokens(self, prepared: PreparedPrompt) -> str:
         """Each `<|image_pad|>` of the chat text repeated as many times as its image has tokens (the
