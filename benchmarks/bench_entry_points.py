@@ -69,8 +69,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no_reference", action="store_true", help="skip the OMP_WAIT_POLICY=ACTIVE reference")
     args = parser.parse_args()
-    if not (ROOT / "data/demo/sft/pointer_v2.ckpt").is_file():
-        raise SystemExit("run `dvc repro generate_rl_data` first: it builds the demo inputs under data/demo")
+    if not (ROOT / "data/sft/pointer_v2.ckpt").is_file():
+        raise SystemExit("run `dvc repro generate_rl_data` first: it builds the demo's inputs")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "PYTORCH_CUDA_ALLOC_CONF")}
     env["HF_HUB_OFFLINE"] = "1"
     ways = {

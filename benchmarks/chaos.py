@@ -16,8 +16,9 @@ without its record of the process: timing, Ray workers, date, batch size) and it
 hold nothing more: no temporary or lock file, no process left running. The plan is seeded.
 
 Inputs: the demo as `dvc repro` leaves it under --demo (data/demo), --beam_data
-(data/beam/beam_data.json, the `beam_data` stage's output) and --sampler_cache
-(data/pools/sampler_cache.json, the `sample_pools` stage's), the generator's smallest proposal set
+(data/beam/beam_data.json, the `beam_data` stage's output), --sft_ckpt (data/sft/pointer_v2.ckpt,
+the `train_sft` stage's) and --sampler_cache (data/pools/sampler_cache.json, the `sample_pools`
+stage's), the generator's smallest proposal set
 (2 beams, 1 sample, 1 random), the CPU, one torch thread. Generator flags after `--` are added
 (later flags win). Exit status: 0 when every round is identical with no leftovers, 1 otherwise,
 2 when the inputs are missing.
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         "--beam_data", type=Path, default=Path("data/beam/beam_data.json"), help="the beam data that `dvc repro` wrote"
     )
     parser.add_argument(
+        "--sft_ckpt", type=Path, default=Path("data/sft/pointer_v2.ckpt"), help="the SFT pointer that `dvc repro` wrote"
+    )
+    parser.add_argument(
         "--sampler_cache",
         type=Path,
         default=Path("data/pools/sampler_cache.json"),
@@ -82,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("generator_flags", nargs="*", default=[], help="more generator flags, after --")
     args = parser.parse_args(argv)
-    missing = [
-        p for p in (args.demo / "sft" / "pointer_v2.ckpt", args.beam_data, args.sampler_cache) if not p.is_file()
-    ]
+    missing = [p for p in (args.sft_ckpt, args.beam_data, args.sampler_cache) if not p.is_file()]
     if missing:
         print(f"error: {missing[0]}: not found; build the demo with `dvc repro` or give --demo", file=sys.stderr)
         return 2
     flags = [
-        *demo_generator_flags(args.demo.resolve(), args.beam_data.resolve(), args.limit or None),
+        *demo_generator_flags(
+            args.demo.resolve(), args.beam_data.resolve(), args.sft_ckpt.resolve(), args.limit or None
+        ),
         *args.generator_flags,
     ]
     print(

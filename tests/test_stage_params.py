@@ -1,5 +1,5 @@
 """The generator's settings have one surface, params.yaml, and DVC tracks every key of it; so do the
-beam data stage's.
+beam data stage's and the evaluation's.
 
 The keys are enumerated from the generator's (and the beam data command's) parser, never listed here. The DVC checks run in one
 temporary git + DVC repo holding the project's files, with small placeholder inputs: `dvc status`
@@ -15,15 +15,18 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
 
 from lever_lm.errors import InputError
+from lever_lm.evaluation import cli as eval_cli
 from lever_lm.infoscore import cli as beam_cli
 from lever_lm.rl.cli import build_parser
-from lever_lm.rl.params import SWITCHES, argv_from_params, generator_keys, stage_argv, tracked_params
+from lever_lm.rl.params import COMMANDS, SWITCHES, argv_from_params, generator_keys, stage_argv, tracked_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARSER = build_parser()
@@ -42,8 +45,14 @@ PLACEHOLDERS = {
     "vqa_model_path": "inputs/model/",
     "sampler_cache": "inputs/cache.json",
 }
+EVALUATE_PLACEHOLDERS = {  # the evaluate section's files
+    "ckpt": "inputs/sft.ckpt",
+    "val_query_emb": "inputs/emb.pt",
+    "val_ques_path": "inputs/questions.json",
+    "val_ann_path": "inputs/annotations.json",
+    "val_image_root": "inputs/images/",
+}
 BEAM_PARSER = beam_cli.build_parser()
-BEAM_KEYS = generator_keys(BEAM_PARSER)
 BEAM_SECTION = "infoscore"  # the search's settings, given on the stage's command line by DVC
 BY_HAND = {"num_shards", "shard_id", "merge", "limit", "journal_dir"}  # runs by hand, never the stage's
 
@@ -114,45 +123,75 @@ def _dvc_stage(name: str) -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]
 
 
-def test_every_option_of_the_beam_data_command_has_one_source_that_dvc_tracks():
-    """Each option comes from exactly one place: the stage's command line in dvc.yaml (its files), the
-    `infoscore` section (on that command line), a top-level key it shares with the generator, or the
-    runs by hand; the section and every shared key are params of the stage."""
-    stage = _dvc_stage(beam_cli.STAGE)
-    on_command_line = set(re.findall(r"--(\w+)", stage["cmd"]))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    section, shared = set(params[BEAM_SECTION]), set(beam_cli.SHARED_PARAMS)
-    sources = (on_command_line, section, shared, BY_HAND)
-    assert [k for k in BEAM_KEYS if sum(k in source for source in sources) != 1] == []
-    assert set(BEAM_KEYS) == set().union(*sources)
-    assert f"${{{BEAM_SECTION}}}" in stage["cmd"]
-    assert tracked_params(ROOT / "dvc.yaml", beam_cli.STAGE) == shared | {BEAM_SECTION}
-    assert [k for k in beam_cli.SHARED_PARAMS if k not in params] == []
+@dataclass(frozen=True)
+class SectionStage:
+    """A stage whose own settings are a params.yaml section on its command line, and which shares
+    top-level keys with the generator (`stage_argv(..., keys=SHARED_PARAMS)`)."""
+
+    cli: ModuleType  # with STAGE, SHARED_PARAMS and build_parser
+    section: str
+    by_hand: frozenset = frozenset()  # options for runs by hand, never the stage's
+    required: tuple = ()  # what a parse needs besides the stage's argv
+
+    @property
+    def parser(self):
+        return self.cli.build_parser()
 
 
-def test_the_beam_data_stage_gives_the_command_each_shared_value_of_params_yaml():
+SECTION_STAGES = [
+    SectionStage(beam_cli, BEAM_SECTION, frozenset(BY_HAND), ("--sampler_cache", "p.json", "--output_path", "b.json")),
+    SectionStage(eval_cli, "evaluate", required=(
+        "--ckpt", "p.ckpt", "--val_query_emb", "v.pt", "--val_ques_path", "q.json", "--val_ann_path", "a.json",
+        "--val_image_root", "i", "--output_dir", "o",
+    )),
+]  # fmt: skip
+STAGE_IDS = [s.cli.STAGE for s in SECTION_STAGES]
+
+
+@pytest.mark.parametrize("stage", SECTION_STAGES, ids=STAGE_IDS)
+def test_every_option_of_a_section_stage_has_one_source_that_dvc_tracks(stage: SectionStage):
+    """Each option comes from exactly one place: the stage's command line in dvc.yaml (its files), its
+    section (on that command line), a top-level key it shares with the generator, or the runs by hand;
+    the section and every shared key are params of the stage."""
+    definition = _dvc_stage(stage.cli.STAGE)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    argv = stage_argv(ROOT / "params.yaml", ROOT / "dvc.yaml", BEAM_PARSER, beam_cli.STAGE, beam_cli.SHARED_PARAMS)
-    args = BEAM_PARSER.parse_args([*argv, "--sampler_cache", "p.json", "--output_path", "b.json"])
-    for key in beam_cli.SHARED_PARAMS:
+    on_command_line = set(re.findall(r"--(\w+)", definition["cmd"]))
+    section, shared = set(params[stage.section]), set(stage.cli.SHARED_PARAMS)
+    sources = (on_command_line, section, shared, stage.by_hand)
+    keys = generator_keys(stage.parser)
+    assert [k for k in keys if sum(k in source for source in sources) != 1] == []
+    assert set(keys) == set().union(*sources)
+    assert f"${{{stage.section}}}" in definition["cmd"]
+    assert tracked_params(ROOT / "dvc.yaml", stage.cli.STAGE) == shared | {stage.section}
+    assert [k for k in stage.cli.SHARED_PARAMS if k not in params] == []
+
+
+@pytest.mark.parametrize("stage", SECTION_STAGES, ids=STAGE_IDS)
+def test_a_section_stage_gives_the_command_each_shared_value_of_params_yaml(stage: SectionStage):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    parser = stage.parser
+    argv = stage_argv(ROOT / "params.yaml", ROOT / "dvc.yaml", parser, stage.cli.STAGE, stage.cli.SHARED_PARAMS)
+    args = parser.parse_args([*argv, *stage.required])
+    for key in stage.cli.SHARED_PARAMS:
         value, parsed = params[key], getattr(args, key)
         if value is None:
-            assert parsed == BEAM_PARSER.get_default(key), key
+            assert parsed == parser.get_default(key), key
         else:
             assert (str(parsed) if isinstance(parsed, Path) else parsed) == value, key
     flags = {re.match(r"--(\w+)", a).group(1) for a in argv if a.startswith("--")}
-    assert flags <= set(beam_cli.SHARED_PARAMS), "the generator's own keys (shot_num, limit) are not the stage's"
+    assert flags <= set(stage.cli.SHARED_PARAMS), "the generator's own keys (shot_num, limit) are not the stage's"
 
 
-def test_the_beam_data_stage_checks_types_and_tracking(tmp_path):
+@pytest.mark.parametrize("stage", SECTION_STAGES, ids=STAGE_IDS)
+def test_a_section_stage_checks_types_and_tracking(stage: SectionStage, tmp_path):
+    name, parser = stage.cli.STAGE, stage.parser
     with pytest.raises(InputError, match=r"^params.yaml: batch_size must be an integer, got '8' \(str\)"):
-        stage_argv(_with(tmp_path, batch_size="8"), ROOT / "dvc.yaml", BEAM_PARSER, beam_cli.STAGE,
-                   beam_cli.SHARED_PARAMS)  # fmt: skip
+        stage_argv(_with(tmp_path, batch_size="8"), ROOT / "dvc.yaml", parser, name, stage.cli.SHARED_PARAMS)
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    dvc_yaml["stages"][beam_cli.STAGE]["params"].remove("device")
+    dvc_yaml["stages"][name]["params"].remove("device")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
-    with pytest.raises(InputError, match="device set the beam data command, but dvc.yaml's stage beam_data"):
-        stage_argv(_with(tmp_path), tmp_path / "dvc.yaml", BEAM_PARSER, beam_cli.STAGE, beam_cli.SHARED_PARAMS)
+    with pytest.raises(InputError, match=f"device set the {COMMANDS[name]}, but dvc.yaml's stage {name}"):
+        stage_argv(_with(tmp_path), tmp_path / "dvc.yaml", parser, name, stage.cli.SHARED_PARAMS)
 
 
 # -- in a DVC repo --------------------------------------------------------------------------------
@@ -185,11 +224,12 @@ def repo(tmp_path_factory) -> Path:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, place in PLACEHOLDERS.items():
-        params[key] = place.rstrip("/")
-        path = repo / place / "placeholder" if place.endswith("/") else repo / place
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"a placeholder for {key}\n")
+    for section, places in ((params, PLACEHOLDERS), (params["evaluate"], EVALUATE_PLACEHOLDERS)):
+        for key, place in places.items():
+            section[key] = place.rstrip("/")
+            path = repo / place / "placeholder" if place.endswith("/") else repo / place
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"a placeholder for {key}\n")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     beam = repo / "data/beam/beam_data.json"  # the beam data stage's own files (on its command line)
     for output in (repo / params["output_path"], beam):
@@ -200,12 +240,15 @@ def repo(tmp_path_factory) -> Path:
         ):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("{}\n")
-    (repo / "data/pools").mkdir(parents=True, exist_ok=True)
-    (repo / "data/pools/sampler_cache.json").write_text("{}\n")
+    evaluation = ("breakdown.json", "results.json", "metrics.json")  # the evaluation's outputs
+    for path in [repo / "data/pools/sampler_cache.json", *(repo / "data/eval" / name for name in evaluation)]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}\n")
     run(repo, "git", "init", "-q")
-    dvc(repo, "commit", "--force", "generate_rl_data", beam_cli.STAGE)
+    stages = ["generate_rl_data", *STAGE_IDS]
+    dvc(repo, "commit", "--force", *stages)
     git_commit(repo, "project")
-    assert json.loads(dvc(repo, "status", "--json", "generate_rl_data", beam_cli.STAGE).stdout) == {}
+    assert json.loads(dvc(repo, "status", "--json", *stages).stdout) == {}
     return repo
 
 
@@ -242,24 +285,26 @@ def test_every_generator_setting_changed_in_params_yaml_makes_the_stage_changed(
     assert [k for k in KEYS if changed.get(k) != "modified"] == [], status
 
 
-def test_every_beam_data_setting_changed_in_params_yaml_makes_its_stage_changed(repo: Path):
-    path = repo / "params.yaml"
+@pytest.mark.parametrize("stage", SECTION_STAGES, ids=STAGE_IDS)
+def test_every_setting_of_a_section_stage_changed_in_params_yaml_makes_it_changed(stage: SectionStage, repo: Path):
+    path, name, actions = repo / "params.yaml", stage.cli.STAGE, stage.parser._actions
     original = path.read_text()
     params = yaml.safe_load(original)
-    for key in beam_cli.SHARED_PARAMS:
-        params[key] = _other_value([a for a in BEAM_PARSER._actions if a.dest == key], params[key])
-    for key, value in params[BEAM_SECTION].items():
-        params[BEAM_SECTION][key] = _other_value([a for a in BEAM_PARSER._actions if a.dest == key], value)
+    for key in stage.cli.SHARED_PARAMS:
+        params[key] = _other_value([a for a in actions if a.dest == key], params[key])
+    for key, value in params[stage.section].items():
+        params[stage.section][key] = _other_value([a for a in actions if a.dest == key], value)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        status = json.loads(dvc(repo, "status", "--json", beam_cli.STAGE).stdout)
+        status = json.loads(dvc(repo, "status", "--json", name).stdout)
     finally:
         path.write_text(original)
     changed = {}
-    for item in status.get(beam_cli.STAGE, []):
-        changed |= item.get("changed deps", {}).get("params.yaml", {})
-    expected = [*beam_cli.SHARED_PARAMS, *(f"{BEAM_SECTION}.{k}" for k in params[BEAM_SECTION])]
-    assert [k for k in expected if changed.get(k) != "modified"] == [], status
+    for item in status.get(name, []):
+        if isinstance(item, dict):  # also "changed command": the section is on the command line
+            changed |= item.get("changed deps", {}).get("params.yaml", {})
+    assert [k for k in stage.cli.SHARED_PARAMS if changed.get(k) != "modified"] == [], status
+    assert changed.get(stage.section) == "modified", "the section is tracked whole"
 
 
 def test_a_wrong_type_stops_the_stage_in_one_line(repo: Path):

@@ -176,11 +176,12 @@ def generator_flags(
     return flags + (["--limit", str(limit)] if limit else [])
 
 
-def demo_generator_flags(demo: Path, beam_data: Path, limit: int | None = None) -> list[str]:
+def demo_generator_flags(demo: Path, beam_data: Path, sft_ckpt: Path, limit: int | None = None) -> list[str]:
     """`generator_flags` for the demo as `dvc repro` leaves it under `demo` (data/demo), with the
-    beam data the `beam_data` stage wrote (data/beam/beam_data.json)."""
+    beam data and the SFT pointer the `beam_data` and `train_sft` stages wrote (data/beam/beam_data.json,
+    data/sft/pointer_v2.ckpt)."""
     return generator_flags(
-        demo / "sft" / "pointer_v2.ckpt",
+        sft_ckpt,
         beam_data,
         demo / "cache" / "query_embeddings.pt",
         demo / "cache" / "candidate_embeddings.pt",
@@ -188,18 +189,3 @@ def demo_generator_flags(demo: Path, beam_data: Path, limit: int | None = None) 
         demo / "vqa",
         limit,
     )
-
-
-def beam_data_flags(
-    sampler_cache: Path, vqa_model_path: Path, vqa_root: Path, beam_size: int = 2, limit: int | None = None
-) -> list[str]:
-    """The beam data stage's flags for these pools and VQA model, a data set in the demo's layout under
-    `vqa_root`, a narrow beam (`beam_size`), the CPU, no progress bar."""
-    flags = [
-        "--sampler_cache", str(sampler_cache), "--vqa_model_path", str(vqa_model_path),
-        "--train_ques_path", str(vqa_root / "OpenEnded_mscoco_train2014_questions.json"),
-        "--train_ann_path", str(vqa_root / "mscoco_train2014_annotations.json"),
-        "--train_image_root", str(vqa_root / "mscoco2014" / "train2014"),
-        "--beam_size", str(beam_size), "--device", "cpu", "--no_progress",
-    ]  # fmt: skip
-    return flags + (["--limit", str(limit)] if limit else [])

@@ -23,6 +23,14 @@ from lever_lm.evaluation.icl import EvaluationRequest, EvaluationSettings, run_e
 from lever_lm.vqa.backends import available_backends
 from lever_lm.vqa.metric import MODES
 
+STAGE = "evaluate"  # the DVC stage (stages/evaluate.py)
+# The top-level keys of params.yaml the stage takes, shared with the RL generator (one value serves
+# both); dvc.yaml's stage tracks each. The evaluation's own settings and files are the `evaluate`
+# section, on the stage's command line.
+SHARED_PARAMS = (
+    "cand_emb", "dataset", "train_ques_path", "train_ann_path", "train_image_root", "vqa_model", "vqa_model_path",
+    "config", "device", "batch_size", "eval_mode",
+)  # fmt: skip
 SETTINGS = EvaluationSettings()
 REQUEST = {f.name: f.default for f in dataclasses.fields(EvaluationRequest)}
 

@@ -38,7 +38,11 @@ STAGE = "generate_rl_data"
 SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction)
 # Options for running one shard of a job by hand: a DVC stage is one whole run that writes the output.
 SINGLE_RUN = {"num_shards": 1, "shard_id": 0, "merge": False}
-COMMANDS = {STAGE: "generator", "beam_data": "beam data command"}  # what each stage runs, for messages
+COMMANDS = {
+    STAGE: "generator",
+    "beam_data": "beam data command",
+    "evaluate": "evaluation",
+}  # what each stage runs, for messages
 
 
 def generator_keys(parser: argparse.ArgumentParser) -> list[str]:
