@@ -198,6 +198,19 @@ def test_cli_runs_the_stage_and_names_a_bad_input(setup: Setup, tmp_path, capsys
     assert not (tmp_path / "bad").exists()
 
 
+def test_an_rl_checkpoint_of_the_lineage_is_evaluated_as_its_pointer(setup: Setup, tmp_path):
+    """Lever-Plus's GRPO trainer saves `.pt` files (the pointer's state dict beside its epoch, phase and
+    KL weight; docs/formats.md §3.4): the same weights choose the same ICDs, so every result is equal."""
+    rl = tmp_path / "grpo_epoch3.pt"
+    state = dict(setup.pointer.state_dict())
+    torch.save({"epoch": 2, "phase": "grpo", "model_state_dict": state, "kl_beta": 0.09, "metrics": {}}, rl)
+    settings = replace(setup.request.settings, num_queries=3)
+    sft = replace(setup.request, settings=settings, output_dir=tmp_path / "sft")
+    run_evaluation(sft)
+    run_evaluation(replace(sft, ckpt=rl, output_dir=tmp_path / "rl"))
+    assert (tmp_path / "rl" / "results.json").read_bytes() == (tmp_path / "sft" / "results.json").read_bytes()
+
+
 def test_settings_that_cannot_work_are_refused():
     with pytest.raises(InputError, match="num_random must be >= 1"):
         EvaluationSettings(num_random=0)
