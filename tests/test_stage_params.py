@@ -110,6 +110,22 @@ def test_the_stage_refuses_a_generator_key_dvc_does_not_track(tmp_path):
         stage_argv(_with(tmp_path), tmp_path / "dvc.yaml", PARSER)
 
 
+def test_a_key_no_stage_reads_is_refused_by_name(tmp_path):
+    params = _with(tmp_path, exclude_same_imge=True)
+    for stage in SECTION_STAGES:
+        with pytest.raises(InputError, match=r"^params.yaml: exclude_same_imge: no stage of dvc.yaml reads this key"):
+            stage_argv(params, ROOT / "dvc.yaml", stage.parser, stage.cli.STAGE, stage.cli.SHARED_PARAMS)
+    with pytest.raises(InputError, match=r"^params.yaml: exclude_same_imge: no stage of dvc.yaml reads this key"):
+        stage_argv(params, ROOT / "dvc.yaml", PARSER)
+
+
+def test_a_key_written_twice_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text() + "seed: 7\n")
+    with pytest.raises(InputError, match=r"params.yaml: cannot read it: .*duplicate key 'seed'.* line \d+"):
+        stage_argv(path, ROOT / "dvc.yaml", PARSER)
+
+
 @pytest.mark.parametrize("key, value", [("num_shards", 2), ("shard_id", 1), ("merge", True)])
 def test_the_stage_is_one_whole_run(tmp_path, key, value):
     with pytest.raises(InputError, match=f"{key}: the DVC stage is one whole run"):

@@ -270,6 +270,7 @@ def _log_journal_state(plan: RunPlan, journal: Journal, summary: RunSummary) -> 
 def finish(plan: RunPlan, shard_ids: list[int], summary: RunSummary, started: float) -> None:
     """Write the final JSON from the shard journals, and the meta sidecar."""
     journals = [(plan.journal_path(i), plan.journal_spec(i)) for i in shard_ids]
+    journals = [(path, spec) for path, spec in journals if spec.queries]  # more shards than blocks: some are empty
     index = collect_journal_index(journals)
     if len(shard_ids) > 1:
         _note_shard_pins([read_pins(path) for path, _ in journals], summary)

@@ -15,7 +15,9 @@ rerun the generation.
 `argv_from_params` turns the keys into flags, checking each value's type on the way -- a wrong
 type is an `InputError` naming the key and the type it needs, never an argparse usage dump and
 never silently ignored. The stage also refuses a generator key that dvc.yaml's stage does not
-track (an edited dvc.yaml), and the layout keys a single DVC run cannot use (shards, merge).
+track (an edited dvc.yaml), the layout keys a single DVC run cannot use (shards, merge), a
+top-level key that no stage of dvc.yaml reads (a misspelt key would otherwise change nothing, in
+silence) and a key written twice (YAML keeps the last one, in silence).
 
 The beam data stage (`stages/beam_data.py`) takes its shared settings -- the training split, the
 VQA model, device, batch size, engine -- from the same top-level keys, through the same checks:
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -100,15 +103,56 @@ def _wrong(source: str, key: str, expected: str, value: object) -> InputError:
     return InputError(source, f"{key} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key written twice in one mapping, as DVC does."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_params(params_path: Path) -> dict:
+    """params.yaml as a mapping; unreadable YAML or a duplicate key is an `InputError`."""
+    try:
+        params = yaml.load(params_path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(params_path, f"cannot read it: {' '.join(str(error).split())}") from None
+    if not isinstance(params, dict):
+        raise InputError(params_path, "expected a mapping of settings")
+    return params
+
+
+def keys_read_by_stages(dvc_yaml: Path) -> set[str]:
+    """The top-level params.yaml keys that some stage of dvc.yaml lists as a param or interpolates."""
+    try:
+        text = dvc_yaml.read_text(encoding="utf-8")
+        stages = yaml.safe_load(text)["stages"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        raise InputError(dvc_yaml, "cannot read its stages") from None
+    keys = {key.split(".")[0] for stage in stages.values() for key in _listed_params(stage)}
+    return keys | set(re.findall(r"\$\{\s*([A-Za-z_]\w*)", text))
+
+
 def tracked_params(dvc_yaml: Path, stage: str = STAGE) -> set[str]:
     """The params.yaml keys that dvc.yaml's stage lists."""
     try:
-        stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
-        entries = stages[stage].get("params", [])
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        definition = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"][stage]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
         raise InputError(dvc_yaml, f"cannot read the params of stage {stage}") from None
+    if not isinstance(definition, dict):
+        raise InputError(dvc_yaml, f"cannot read the params of stage {stage}")
+    return _listed_params(definition)
+
+
+def _listed_params(stage: dict) -> set[str]:
+    """The params.yaml keys one stage's definition lists (plain names, or under a `params.yaml:` entry)."""
     keys: set[str] = set()
-    for entry in entries:
+    for entry in stage.get("params", []) if isinstance(stage, dict) else []:
         if isinstance(entry, str):
             keys.add(entry)
         elif isinstance(entry, dict) and "params.yaml" in entry:
@@ -125,15 +169,17 @@ def stage_argv(
 ) -> list[str]:
     """The flags of the DVC stage `stage`'s command (`parser`) from params.yaml, every key checked (see
     the module doc). `keys`: the top-level keys the stage takes (None: every option of the parser)."""
-    try:
-        params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise InputError(params_path, f"cannot read it: {error}") from None
-    if not isinstance(params, dict):
-        raise InputError(params_path, "expected a mapping of settings")
-    if keys is not None:
-        params = {key: params[key] for key in keys if key in params}
+    everything = read_params(params_path)
+    params = everything if keys is None else {key: everything[key] for key in keys if key in everything}
     check_tracked(params, tracked_params(dvc_yaml, stage), parser, params_path.name, stage)
+    read = keys_read_by_stages(dvc_yaml)
+    unread = [key for key in everything if key not in read]
+    if unread:
+        raise InputError(
+            params_path.name,
+            f"{', '.join(unread)}: no stage of {dvc_yaml.name} reads this key (misspelt?); "
+            "the generator's keys are its options' names (--help)",
+        )
     for key, default in SINGLE_RUN.items():
         if params.get(key) not in (None, default):
             raise InputError(
