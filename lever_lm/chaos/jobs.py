@@ -189,3 +189,18 @@ def demo_generator_flags(demo: Path, beam_data: Path, sft_ckpt: Path, limit: int
         demo / "vqa",
         limit,
     )
+
+
+def beam_data_flags(
+    sampler_cache: Path, vqa_model_path: Path, vqa_root: Path, beam_size: int = 2, limit: int | None = None
+) -> list[str]:
+    """The beam data stage's flags for these pools and VQA model, a data set in the demo's layout under
+    `vqa_root`, a narrow beam (`beam_size`), the CPU, no progress bar."""
+    flags = [
+        "--sampler_cache", str(sampler_cache), "--vqa_model_path", str(vqa_model_path),
+        "--train_ques_path", str(vqa_root / "OpenEnded_mscoco_train2014_questions.json"),
+        "--train_ann_path", str(vqa_root / "mscoco_train2014_annotations.json"),
+        "--train_image_root", str(vqa_root / "mscoco2014" / "train2014"),
+        "--beam_size", str(beam_size), "--device", "cpu", "--no_progress",
+    ]  # fmt: skip
+    return flags + (["--limit", str(limit)] if limit else [])
