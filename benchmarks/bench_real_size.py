@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/bench_real_size.py --device cpu --layers 1 --vision_layers 1 --batch_sizes 1 4 8
     # GPU: the whole model in bf16
     python benchmarks/bench_real_size.py --device cuda:0 --agreement --json $OUT/bench.json
+    # a smoke run of the script (narrow widths: no figure to read)
+    .venv/bin/python benchmarks/bench_real_size.py --device cpu --narrow --queries 1 --candidates 2 --batch_sizes 1 2 --photos 9
 
 The model is the published 3B architecture (`lever_lm.demo.real_size`) with seeded random weights:
 the cost per token is the real model's. `--layers` / `--vision_layers` keep the full width at a
@@ -169,6 +171,9 @@ def main() -> None:
     parser.add_argument("--dtype", help="default: bfloat16 on a GPU with native bf16, float32 on CPU")
     parser.add_argument("--layers", type=int, help="LM layers (default: all 36)")
     parser.add_argument("--vision_layers", type=int, help="vision blocks (default: all 32)")
+    parser.add_argument(
+        "--narrow", action="store_true", help="narrow widths (lever_lm.demo.real_size): a smoke run of the script"
+    )
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     parser.add_argument("--queries", type=int, default=13, help="queries per timed run")
     parser.add_argument("--candidates", type=int, default=10, help="candidates per query")
@@ -204,7 +209,7 @@ def run(args, photo_dir: Path) -> dict:
     started = time.perf_counter()
     processor = real_size.build_processor()
     config = real_size.qwen2_5_vl_3b_config(
-        real_size.token_ids(processor), layers=args.layers, vision_layers=args.vision_layers
+        real_size.token_ids(processor), layers=args.layers, vision_layers=args.vision_layers, narrow=args.narrow
     )
     model = real_size.build_random_model(config, dtype, device, seed=args.seed)
     parameters = sum(p.numel() for p in model.parameters())
@@ -212,7 +217,7 @@ def run(args, photo_dir: Path) -> dict:
     results["model"] = {"parameters": parameters, "layers": text.num_hidden_layers, "vision_layers": vision.depth,
                         "hidden": text.hidden_size, "vision_hidden": vision.hidden_size}  # fmt: skip
     print(f"model: Qwen2.5-VL-3B architecture, {text.num_hidden_layers}/36 LM layers, {vision.depth}/32 vision "
-          f"blocks, full width, {parameters / 1e9:.2f}B parameters, {results['dtype']}, random weights "
+          f"blocks, {'narrow' if args.narrow else 'full'} width, {parameters / 1e9:.2f}B parameters, {results['dtype']}, random weights "
           f"(built in {time.perf_counter() - started:.1f} s)")  # fmt: skip
 
     photos = real_size.write_photos(photo_dir, args.photos, seed=args.seed)

@@ -16,7 +16,7 @@ sees a question or an answer. Each step shows every caption once, each with one 
 
 After training the same probe finds colour, shape and side nearly always and the count most of
 the time, and a pointer trained on InfoScore beam data picks demonstrations that share the
-query's answer (README, "The embedded default").
+query's answer (docs/demo.md).
 
 Cost: about 15 s on one CPU thread. Determinism: the seed fixes every draw; training runs with a
 fixed thread count and deterministic kernels (`train_vlm.deterministic_torch`), so the same seed

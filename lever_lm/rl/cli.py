@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="official VQA annotations JSON used to score a query when it holds its question id "
         "(else the training annotations are used)",
     )
-    seed.add_argument("--config", type=Path, help="YAML config: 'dataset' paths and 'vqa_model' settings (see README)")
+    seed.add_argument(
+        "--config", type=Path, help="YAML config: 'dataset' paths and 'vqa_model' settings (see docs/generator.md)"
+    )
     _add_more_options(parser.add_argument_group("more options"))
     return parser
 

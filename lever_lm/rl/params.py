@@ -185,7 +185,7 @@ def stage_argv(
             raise InputError(
                 params_path.name,
                 f"{key}: the DVC stage is one whole run; run shards with the generator command "
-                "(README, 'The generator command')",
+                "(docs/generator.md, 'Shards')",
             )
     return argv_from_params(params, parser, params_path.name)
 

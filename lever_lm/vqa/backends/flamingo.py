@@ -4,7 +4,7 @@
 
 `<dir>` holds `checkpoint.pt` (openflamingo/OpenFlamingo-3B-vitl-mpt1b), `lang_encoder/`
 (anas-awadalla/mpt-1b-redpajama-200b with its tokenizer) and `vision_encoder/`
-(openai/clip-vit-large-patch14); see `lever_lm.vqa.flamingo.loading` and the README.
+(openai/clip-vit-large-patch14); see `lever_lm.vqa.flamingo.loading` and docs/backends.md.
 
 Each prompt is `<image>Question:{q} Short answer:{a}<|endofchunk|>` per ICD, then the query
 (`prompts.flamingo_text`, template from `vqa_model`), decoded with the project's settings (3 beams,
@@ -213,7 +213,7 @@ def model_dir(name: str, settings: VQAModelSettings) -> Path:
         raise InputError(
             None,
             f"--vqa_model {name} needs a model directory (checkpoint.pt, lang_encoder/, vision_encoder/): "
-            "set --vqa_model_path or vqa_model.path in --config (README: 'OpenFlamingo-3B')",
+            "set --vqa_model_path or vqa_model.path in --config (docs/backends.md: 'OpenFlamingo-3B')",
         )
     return Path(settings.path)
 

@@ -109,7 +109,7 @@ class LoadedFlamingo:
 def locate_files(root: Path) -> FlamingoFiles:
     """The layout's files, or an InputError naming what is missing."""
     if not root.is_dir():
-        raise InputError(root, "OpenFlamingo model directory not found (README: 'OpenFlamingo-3B')")
+        raise InputError(root, "OpenFlamingo model directory not found (docs/backends.md: 'OpenFlamingo-3B')")
     checkpoint, lang_dir, vision_dir = root / CHECKPOINT, root / LANG_DIR, root / VISION_DIR
     if not checkpoint.is_file():
         raise InputError(checkpoint, "missing: the OpenFlamingo checkpoint (openflamingo/OpenFlamingo-3B-vitl-mpt1b)")
