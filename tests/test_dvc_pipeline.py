@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dvc_commands import dvc, run
 
 from lever_lm.models.v2.checkpoint import load_pointer_checkpoint
 
@@ -34,18 +35,6 @@ SMALL_PARAMS = {
     "evaluate": {"num_random": 1, "num_queries": 12},
     "demo_vlm": {"vision_steps": 150, "steps": 150},  # enough for answers (and gt_prob) to mean something
 }
-
-
-def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(repo, sys.executable, "-m", "dvc", *args, check=check)
 
 
 @pytest.fixture(scope="module")

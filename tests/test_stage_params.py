@@ -10,7 +10,6 @@ the placeholders, which is enough to see that DVC ran it).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from types import ModuleType
 
 import pytest
 import yaml
+from dvc_commands import dvc, run
 
 from lever_lm.errors import InputError
 from lever_lm.evaluation import cli as eval_cli
@@ -211,18 +211,6 @@ def test_a_section_stage_checks_types_and_tracking(stage: SectionStage, tmp_path
 
 
 # -- in a DVC repo --------------------------------------------------------------------------------
-
-
-def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(repo, sys.executable, "-m", "dvc", *args, check=check)
 
 
 def git_commit(repo: Path, message: str) -> None:
